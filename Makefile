@@ -1,0 +1,42 @@
+# Every target sets itself up: a .venv with the package installed (strict editable mode,
+# so `resilience.integrations` maps to ./integrations for mypy and pytest alike).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The installed link tree must be rebuilt when a source file is added or removed.
+SOURCES := $(sort $(shell find resilience integrations -type f \( -name '*.py' -o -name '*.lua' -o -name '*.sql' -o -name 'py.typed' \) 2>/dev/null))
+
+.PHONY: demo test lint typecheck pytest bench clean
+
+demo: $(VENV)/.installed
+	$(BIN)/resilience demo
+
+test: lint typecheck pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+$(VENV)/.sources: FORCE
+	@mkdir -p $(VENV)
+	@echo '$(SOURCES)' | cmp -s - $@ || echo '$(SOURCES)' > $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.sources
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+
+FORCE:

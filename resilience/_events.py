@@ -1,0 +1,144 @@
+"""Delivery of events to listeners: outside the owner's lock, in order, isolated.
+
+The owner (a breaker, later a limiter or cache) appends events to ``queue`` while it
+holds its own lock, so the queue order is the order of its transitions. After
+releasing that lock, whoever produced events calls :meth:`Dispatcher.drain` (or
+:meth:`adrain`). One drainer at a time delivers; others return at once and their
+events are delivered by the drainer that holds the turn, so order holds across
+threads and tasks without anyone waiting on a listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import sys
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Generic, TypeVar
+
+__all__ = ["Dispatcher", "Listener"]
+
+log = logging.getLogger("resilience")
+
+E = TypeVar("E")
+#: A listener takes one event and returns None, or an awaitable for async listeners.
+Listener = Callable[[E], "Awaitable[None] | None"]
+
+
+class Dispatcher(Generic[E]):
+    __slots__ = ("_background", "_listeners", "_turn", "has_async", "queue")
+
+    def __init__(self, listeners: Iterable[Listener[E]] = ()) -> None:
+        self.queue: deque[E] = deque()
+        self._turn = threading.Lock()
+        self._listeners: tuple[Listener[E], ...] = ()
+        self._background: set[Any] = set()
+        self.has_async = False
+        for listener in listeners:
+            self.add(listener)
+
+    def __bool__(self) -> bool:
+        return bool(self._listeners)
+
+    def add(self, listener: Listener[E]) -> None:
+        if not callable(listener):
+            raise TypeError(f"listener must be callable, got {type(listener).__name__}")
+        self._listeners = (*self._listeners, listener)
+        self.has_async = self.has_async or _is_async(listener)
+
+    def remove(self, listener: Listener[E]) -> None:
+        if listener not in self._listeners:
+            raise ValueError(f"listener {listener!r} is not registered")
+        self._listeners = tuple(x for x in self._listeners if x is not listener)
+        self.has_async = any(_is_async(x) for x in self._listeners)
+
+    def drain(self) -> None:
+        """Deliver queued events from sync code. Async listeners are scheduled, not awaited."""
+        queue, turn = self.queue, self._turn
+        while queue:
+            if not turn.acquire(blocking=False):
+                return  # the thread holding the turn delivers our events too
+            try:
+                while queue:
+                    event = queue.popleft()
+                    for listener in self._listeners:
+                        result = _call(listener, event)
+                        if result is not None:
+                            self._schedule(listener, result)
+            finally:
+                turn.release()
+
+    async def adrain(self) -> None:
+        """Deliver queued events from async code, awaiting async listeners in order."""
+        queue, turn = self.queue, self._turn
+        while queue:
+            if not turn.acquire(blocking=False):
+                return
+            try:
+                while queue:
+                    event = queue.popleft()
+                    for listener in self._listeners:
+                        result = _call(listener, event)
+                        if result is not None:
+                            try:
+                                await result
+                            except Exception:
+                                log.exception("resilience listener %r failed", listener)
+            finally:
+                turn.release()
+
+    def _schedule(self, listener: object, awaitable: Awaitable[None]) -> None:
+        """Run an async listener's awaitable that a sync caller produced, without blocking."""
+
+        async def guarded() -> None:
+            try:
+                await awaitable
+            except Exception:
+                log.exception("resilience listener %r failed", listener)
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            task = loop.create_task(guarded())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        trio = sys.modules.get("trio")
+        if trio is not None:
+            try:
+                trio.lowlevel.spawn_system_task(guarded)
+                return
+            except RuntimeError:
+                pass
+        _close(awaitable)
+        log.error(
+            "resilience async listener %r got an event from a thread with no event loop; "
+            "register a sync listener to observe sync callers",
+            listener,
+        )
+
+
+def _call(listener: Callable[[Any], Any], event: object) -> Any:
+    try:
+        result = listener(event)
+    except Exception:
+        log.exception("resilience listener %r failed", listener)
+        return None
+    return result if inspect.isawaitable(result) else None
+
+
+def _is_async(listener: object) -> bool:
+    return inspect.iscoroutinefunction(listener) or inspect.iscoroutinefunction(
+        getattr(listener, "__call__", None)  # noqa: B004 - an object's async __call__
+    )
+
+
+def _close(awaitable: object) -> None:
+    close = getattr(awaitable, "close", None)
+    if close is not None:
+        close()

@@ -1,0 +1,33 @@
+"""Circuit breakers: a pure state machine (policy) inside thread- and task-safe shells."""
+
+from resilience.breaker.breaker import BreakerEvent, CircuitBreaker, Permit
+from resilience.breaker.policy import (
+    TRANSITIONS,
+    BreakerMode,
+    BreakerStats,
+    CallFinished,
+    CallRejected,
+    CircuitState,
+    FailureRate,
+    Outcome,
+    SlowCallRate,
+    StateChanged,
+    Trigger,
+)
+
+__all__ = [
+    "TRANSITIONS",
+    "BreakerEvent",
+    "BreakerMode",
+    "BreakerStats",
+    "CallFinished",
+    "CallRejected",
+    "CircuitBreaker",
+    "CircuitState",
+    "FailureRate",
+    "Outcome",
+    "Permit",
+    "SlowCallRate",
+    "StateChanged",
+    "Trigger",
+]

@@ -1,0 +1,655 @@
+"""CircuitBreaker: the thread- and task-safe shell around :class:`BreakerPolicy`.
+
+One breaker serves any mix of threads and async tasks (asyncio or trio). A
+``threading.Lock`` guards the pure policy and is held only around its decisions,
+never across the protected call, so async tasks may take it too: it is never held
+long enough to stall an event loop.
+
+The closed-state path of the default configuration takes no lock: admission reads
+``policy.free_gen`` and success reads ``policy.quiet``; both are single references
+written under the lock (see ``BreakerPolicy._refresh``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import functools
+import inspect
+import itertools
+import math
+import sys
+import threading
+import types
+import weakref
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Sequence,
+)
+from types import TracebackType
+from typing import Any, Final, ParamSpec, TypeVar, cast, overload
+
+import anyio
+import wrapt
+
+from resilience._clock import Clock, resolve
+from resilience._events import Dispatcher, Listener
+from resilience.breaker.policy import (
+    Admission,
+    BreakerConfig,
+    BreakerMode,
+    BreakerPolicy,
+    BreakerStats,
+    CallFinished,
+    CallRejected,
+    CircuitState,
+    FailureRate,
+    Outcome,
+    SlowCallRate,
+    StateChanged,
+)
+from resilience.errors import CircuitOpenError
+
+__all__ = ["BreakerEvent", "CircuitBreaker", "Permit"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+ExcTypes = type[BaseException] | tuple[type[BaseException], ...]
+BreakerEvent = StateChanged | CallRejected | CallFinished
+
+_DEFAULT_THRESHOLD: Final = 5
+_UNSET: Any = object()
+_INF: Final = math.inf
+
+# Every breaker, so resilience.testing can switch them all off; weak, so it never keeps one.
+_ALL: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+_forced_closed_for_tests = False
+
+
+def _cancelled_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [asyncio.CancelledError, GeneratorExit]
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        types.append(trio.Cancelled)
+    return tuple(types)
+
+
+def _deadline_passed() -> bool:
+    """True when the current cancellation comes from an anyio deadline (a timeout)."""
+    try:
+        return anyio.current_effective_deadline() <= anyio.current_time()
+    except Exception:
+        return False
+
+
+def _exc_types(field: str, value: object) -> tuple[type[BaseException], ...]:
+    items = value if isinstance(value, tuple | list) else (value,)
+    for item in items:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise TypeError(f"{field} must be exception classes, got {item!r}")
+    return tuple(cast("Iterable[type[BaseException]]", items))
+
+
+class Permit:
+    """One admitted call, for callers that decide before they act.
+
+    Report exactly one outcome; later reports are ignored. A permit that is never
+    reported holds a half-open probe slot only until its lease runs out.
+    """
+
+    __slots__ = ("_admission", "_breaker", "_settled", "_start")
+
+    def __init__(self, breaker: CircuitBreaker, admission: Admission, start: float | None) -> None:
+        self._breaker = breaker
+        self._admission = admission
+        self._start = start
+        self._settled = False
+
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        return True
+
+    def success(self) -> None:
+        if self._settle():
+            self._breaker._finish(self._admission, self._start, Outcome.SUCCESS, None)
+
+    def failure(self, error: BaseException | None = None) -> None:
+        if self._settle():
+            self._breaker._finish(self._admission, self._start, Outcome.FAILURE, error)
+
+    def ignore(self) -> None:
+        if self._settle():
+            self._breaker._finish(self._admission, self._start, Outcome.IGNORED, None)
+
+    async def asuccess(self) -> None:
+        if self._settle():
+            await self._breaker._afinish(self._admission, self._start, Outcome.SUCCESS, None)
+
+    async def afailure(self, error: BaseException | None = None) -> None:
+        if self._settle():
+            await self._breaker._afinish(self._admission, self._start, Outcome.FAILURE, error)
+
+    async def aignore(self) -> None:
+        if self._settle():
+            await self._breaker._afinish(self._admission, self._start, Outcome.IGNORED, None)
+
+
+class CircuitBreaker:
+    """A circuit breaker for sync and async callers alike.
+
+    >>> b = CircuitBreaker("payments", failure_threshold=5, recovery_timeout=30.0)
+    >>> @b
+    ... def charge(amount: int) -> str: ...
+
+    See docs/breaker.md for every option.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int | None = _UNSET,
+        recovery_timeout: float = 30.0,
+        success_threshold: int = 2,
+        half_open_max_calls: int = 1,
+        failure_rate: FailureRate | None = None,
+        slow_call_rate: SlowCallRate | None = None,
+        recovery_backoff: float = 1.0,
+        max_recovery_timeout: float | None = None,
+        probe_lease: float | None = None,
+        include: ExcTypes | Sequence[type[BaseException]] = (Exception,),
+        exclude: ExcTypes | Sequence[type[BaseException]] = (),
+        fail_on_result: Callable[[Any], bool] | None = None,
+        listeners: Iterable[Listener[BreakerEvent]] = (),
+        clock: Clock | None = None,
+    ) -> None:
+        if failure_threshold is _UNSET:
+            # A rate rule replaces the consecutive count unless both are asked for.
+            rates = failure_rate is not None or slow_call_rate is not None
+            failure_threshold = None if rates else _DEFAULT_THRESHOLD
+        self.config = BreakerConfig(
+            name=name,
+            failure_threshold=failure_threshold,
+            recovery_timeout=recovery_timeout,
+            success_threshold=success_threshold,
+            half_open_max_calls=half_open_max_calls,
+            failure_rate=failure_rate,
+            slow_call_rate=slow_call_rate,
+            recovery_backoff=recovery_backoff,
+            max_recovery_timeout=max_recovery_timeout,
+            probe_lease=probe_lease,
+        )
+        if fail_on_result is not None and not callable(fail_on_result):
+            raise TypeError(f"fail_on_result must be callable, got {type(fail_on_result).__name__}")
+        self._include = _exc_types("include", include)
+        self._exclude = _exc_types("exclude", exclude)
+        self._fail_on_result = fail_on_result
+        self._clock = resolve(clock)
+        self._lock = threading.Lock()
+        # Rejections counted without the lock: next() on a count is atomic. Reading it
+        # advances it too, so reads are subtracted (see _quick_rejected).
+        self._quick_rejections = itertools.count()
+        self._quick_reads = 0
+        self._policy = BreakerPolicy(self.config)
+        self._events: Dispatcher[BreakerEvent] = Dispatcher(listeners)
+        self._stack: contextvars.ContextVar[tuple[Permit, ...]] = contextvars.ContextVar(
+            f"resilience.breaker.{name}", default=()
+        )
+        self._observe()
+        _ALL.add(self)
+        if _forced_closed_for_tests:
+            self.force_closed()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self.name!r}, state={self._policy.state.value})"
+
+    # -- listeners -----------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener[BreakerEvent]) -> None:
+        """Call ``listener(event)`` for every StateChanged, CallRejected and CallFinished."""
+        self._events.add(listener)
+        self._observe()
+
+    def remove_listener(self, listener: Listener[BreakerEvent]) -> None:
+        self._events.remove(listener)
+        self._observe()
+
+    def _observe(self) -> None:
+        observed = bool(self._events)
+        with self._lock:
+            self._policy.set_observation(
+                observed=observed, timed=observed, record_successes=self._fail_on_result is not None
+            )
+
+    # -- reading -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> CircuitState:
+        """The state now; an open breaker whose recovery time passed reads half-open."""
+        now = self._clock.monotonic()
+        with self._lock:
+            state = self._policy.current_state(now)
+            self._flush()
+        self._events.drain()
+        return state
+
+    @property
+    def mode(self) -> BreakerMode:
+        return self._policy.mode
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds until an open breaker admits a probe; 0.0 when it is not open."""
+        return self.stats().retry_after
+
+    def stats(self) -> BreakerStats:
+        now = self._clock.monotonic()
+        with self._lock:
+            stats = self._policy.stats(now)
+            self._flush()
+            quick = next(self._quick_rejections) - self._quick_reads
+            self._quick_reads += 1
+        self._events.drain()
+        return dataclasses.replace(stats, rejected=stats.rejected + quick)
+
+    # -- operator controls ---------------------------------------------------------------
+
+    def _control(self, action: Callable[[BreakerPolicy, float], None]) -> None:
+        now = self._clock.monotonic()
+        with self._lock:
+            action(self._policy, now)
+            self._flush()
+        self._events.drain()
+
+    def force_open(self) -> None:
+        """Reject every call until reset() or force_closed()."""
+        self._control(BreakerPolicy.force_open)
+
+    def force_closed(self) -> None:
+        """Admit every call and count nothing until reset()."""
+        self._control(BreakerPolicy.force_closed)
+
+    def disable(self) -> None:
+        """Admit every call, keep counting and reporting, never trip (metrics only)."""
+        self._control(BreakerPolicy.disable)
+
+    def reset(self) -> None:
+        """Back to a fresh closed breaker under the normal state machine."""
+        self._control(BreakerPolicy.reset)
+        with self._lock:
+            self._quick_rejections = itertools.count()
+            self._quick_reads = 0
+
+    # -- the core steps, shared by every call shape --------------------------------------
+
+    def _flush(self) -> None:
+        """Move the policy's events to the dispatcher's queue. Call with the lock held."""
+        events = self._policy.events
+        if events:
+            self._events.queue.extend(events)
+            events.clear()
+
+    def _admit(self) -> tuple[Admission, float | None] | float:
+        policy = self._policy
+        now = self._clock.monotonic()
+        until = policy.reject_until
+        if now < until:  # open: decided without the lock or the policy
+            next(self._quick_rejections)  # atomic, unlike `+= 1`
+            return self.config.recovery_timeout if until == _INF else until - now
+        with self._lock:
+            result = policy.admit(now)
+            self._flush()
+        if result.__class__ is float:
+            return result
+        return cast(Admission, result), (now if policy.timed else None)
+
+    def _enter(self) -> tuple[Admission, float | None]:
+        result = self._admit()
+        if self._events.queue:
+            self._events.drain()
+        if result.__class__ is float:
+            raise CircuitOpenError(self.name, result)
+        return cast("tuple[Admission, float | None]", result)
+
+    async def _aenter(self) -> tuple[Admission, float | None]:
+        result = self._admit()
+        if self._events.queue:
+            await self._adrain()
+        if result.__class__ is float:
+            raise CircuitOpenError(self.name, result)
+        return cast("tuple[Admission, float | None]", result)
+
+    def _record(
+        self,
+        admission: Admission,
+        start: float | None,
+        outcome: Outcome,
+        error: BaseException | None,
+    ) -> None:
+        now = self._clock.monotonic()
+        duration = None if start is None else now - start
+        with self._lock:
+            self._policy.record(admission, outcome, now, duration, error)
+            self._flush()
+
+    def _finish(
+        self,
+        admission: Admission,
+        start: float | None,
+        outcome: Outcome,
+        error: BaseException | None,
+    ) -> None:
+        self._record(admission, start, outcome, error)
+        if self._events.queue:
+            self._events.drain()
+
+    async def _afinish(
+        self,
+        admission: Admission,
+        start: float | None,
+        outcome: Outcome,
+        error: BaseException | None,
+    ) -> None:
+        self._record(admission, start, outcome, error)
+        if self._events.queue:
+            await self._adrain()
+
+    async def _adrain(self) -> None:
+        if self._events.has_async:
+            await self._events.adrain()
+        else:
+            self._events.drain()
+
+    def _classify(self, error: BaseException, in_async: bool) -> Outcome:
+        if isinstance(error, _cancelled_types()):
+            # A caller going away is no verdict on the dependency; a deadline is.
+            return Outcome.FAILURE if in_async and _deadline_passed() else Outcome.IGNORED
+        if self._exclude and isinstance(error, self._exclude):
+            return Outcome.IGNORED
+        if isinstance(error, self._include):
+            return Outcome.FAILURE
+        return Outcome.IGNORED
+
+    def _result_outcome(self, result: object) -> Outcome:
+        predicate = self._fail_on_result
+        return Outcome.FAILURE if predicate is not None and predicate(result) else Outcome.SUCCESS
+
+    def _on_error(self, admission: Admission, start: float | None, error: BaseException) -> None:
+        self._finish(admission, start, self._classify(error, False), error)
+
+    async def _aon_error(
+        self, admission: Admission, start: float | None, error: BaseException
+    ) -> None:
+        await self._afinish(admission, start, self._classify(error, True), error)
+
+    def _on_result(self, admission: Admission, start: float | None, result: object) -> None:
+        self._finish(admission, start, self._result_outcome(result), None)
+
+    async def _aon_result(self, admission: Admission, start: float | None, result: object) -> None:
+        await self._afinish(admission, start, self._result_outcome(result), None)
+
+    # -- calling -------------------------------------------------------------------------
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn(*args, **kwargs)`` through the breaker."""
+        admission, start = self._enter()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as error:
+            self._on_error(admission, start, error)
+            raise
+        self._on_result(admission, start, result)
+        return result
+
+    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Await ``fn(*args, **kwargs)`` through the breaker."""
+        admission, start = await self._aenter()
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as error:
+            await self._aon_error(admission, start, error)
+            raise
+        await self._aon_result(admission, start, result)
+        return result
+
+    def try_acquire(self) -> Permit | None:
+        """Admit one call without raising: a Permit to report on, or None if rejected."""
+        result = self._admit()
+        if self._events.queue:
+            self._events.drain()
+        if result.__class__ is float:
+            return None
+        admission, start = cast("tuple[Admission, float | None]", result)
+        return Permit(self, admission, start)
+
+    async def atry_acquire(self) -> Permit | None:
+        result = self._admit()
+        if self._events.queue:
+            await self._adrain()
+        if result.__class__ is float:
+            return None
+        admission, start = cast("tuple[Admission, float | None]", result)
+        return Permit(self, admission, start)
+
+    # `with b:` keeps its permit in a context variable: the breaker is shared, so the
+    # permit of one thread or task must never sit on the object.
+    def __enter__(self) -> CircuitBreaker:
+        admission, start = self._enter()
+        self._stack.set((*self._stack.get(), Permit(self, admission, start)))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack = self._stack.get()
+        self._stack.set(stack[:-1])
+        permit = stack[-1]
+        if exc is None:
+            permit.success()
+        else:
+            permit._settled = True
+            self._on_error(permit._admission, permit._start, exc)
+
+    async def __aenter__(self) -> CircuitBreaker:
+        admission, start = await self._aenter()
+        self._stack.set((*self._stack.get(), Permit(self, admission, start)))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        stack = self._stack.get()
+        self._stack.set(stack[:-1])
+        permit = stack[-1]
+        if exc is None:
+            await permit.asuccess()
+        else:
+            permit._settled = True
+            await self._aon_error(permit._admission, permit._start, exc)
+
+    # -- decorating ----------------------------------------------------------------------
+
+    @overload
+    def __call__(self, fn: classmethod[T, P, R]) -> classmethod[T, P, R]: ...
+    @overload
+    def __call__(self, fn: staticmethod[P, R]) -> staticmethod[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
+    def __call__(self, fn: Any) -> Any:
+        """Decorate a function, method, generator or async generator (sync or async)."""
+        if isinstance(fn, classmethod):
+            return classmethod(self(fn.__func__))
+        if isinstance(fn, staticmethod):
+            return staticmethod(self(fn.__func__))
+        if not callable(fn):
+            raise TypeError(f"CircuitBreaker decorates callables, got {type(fn).__name__}")
+        if inspect.isasyncgenfunction(fn):
+            return self._wrap_async_gen(fn)
+        if inspect.isgeneratorfunction(fn):
+            return self._wrap_gen(fn)
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - objects with an async __call__
+        ):
+            return self._wrap_async(fn)
+        return self._wrap_sync(fn)
+
+    def _wrap_sync(self, fn: Callable[P, R]) -> Callable[P, R]:
+        policy, enter, on_error, on_result = (
+            self._policy,
+            self._enter,
+            self._on_error,
+            self._on_result,
+        )
+
+        @functools.wraps(fn)
+        def breaker_sync(*args: P.args, **kwargs: P.kwargs) -> R:
+            gen = policy.free_gen
+            if gen >= 0:  # closed and untimed: admit without the lock
+                admission: Admission = (gen, 0)
+                start = None
+            else:
+                admission, start = enter()
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as error:
+                on_error(admission, start, error)
+                raise
+            if not policy.quiet:
+                on_result(admission, start, result)
+            return result
+
+        return breaker_sync
+
+    def _wrap_async(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+        policy, aenter = self._policy, self._aenter
+        aon_error, aon_result = self._aon_error, self._aon_result
+
+        @functools.wraps(fn)
+        async def breaker_async(*args: P.args, **kwargs: P.kwargs) -> R:
+            gen = policy.free_gen
+            if gen >= 0:
+                admission: Admission = (gen, 0)
+                start = None
+            else:
+                admission, start = await aenter()
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as error:
+                await aon_error(admission, start, error)
+                raise
+            if not policy.quiet:
+                await aon_result(admission, start, result)
+            return result
+
+        return breaker_async
+
+    def _wrap_gen(self, fn: Callable[P, Generator[T, Any, R]]) -> Callable[P, Generator[T, Any, R]]:
+        @functools.wraps(fn)
+        def breaker_gen(*args: P.args, **kwargs: P.kwargs) -> Generator[T, Any, R]:
+            admission, start = self._enter()  # runs at the first next(), with the body
+            try:
+                result = yield from fn(*args, **kwargs)
+            except BaseException as error:
+                self._on_error(admission, start, error)
+                raise
+            self._on_result(admission, start, result)
+            return result
+
+        return breaker_gen
+
+    def _wrap_async_gen(
+        self, fn: Callable[P, AsyncGenerator[T, Any]]
+    ) -> Callable[P, AsyncGenerator[T, Any]]:
+        @functools.wraps(fn)
+        async def breaker_agen(*args: P.args, **kwargs: P.kwargs) -> AsyncGenerator[T, Any]:
+            admission, start = await self._aenter()
+            agen = fn(*args, **kwargs)
+            try:
+                sent: Any = None
+                thrown: BaseException | None = None
+                while True:
+                    try:
+                        if thrown is None:
+                            item = await agen.asend(sent)
+                        else:
+                            item = await agen.athrow(thrown)
+                    except StopAsyncIteration:
+                        break
+                    thrown = None
+                    try:
+                        sent = yield item
+                    except GeneratorExit:
+                        await agen.aclose()
+                        raise
+                    except BaseException as error:  # delegated into the inner generator
+                        thrown, sent = error, None
+            except BaseException as error:
+                await self._aon_error(admission, start, error)
+                raise
+            await self._aon_result(admission, start, None)
+
+        return breaker_agen
+
+    # -- guarding an existing object -----------------------------------------------------
+
+    def guard(self, target: T, *, methods: Iterable[str]) -> T:
+        """A transparent proxy of ``target`` whose named methods go through this breaker.
+
+        Everything else (attributes, other methods, isinstance checks) passes through.
+        """
+        names = [methods] if isinstance(methods, str) else list(methods)
+        if not names:
+            raise ValueError("methods must name at least one method of the target")
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"methods must be strings, got {name!r}")
+            if not callable(getattr(target, name, None)):
+                raise ValueError(
+                    f"methods: {type(target).__name__} has no callable attribute {name!r}"
+                )
+        return cast(T, _Guarded(target, self, frozenset(names)))
+
+
+class _Guarded(wrapt.ObjectProxy[T]):
+    """wrapt proxy whose guarded methods are wrapped once per bound method object."""
+
+    def __init__(self, wrapped: T, breaker: CircuitBreaker, methods: frozenset[str]) -> None:
+        super().__init__(wrapped)
+        self._self_breaker = breaker
+        self._self_methods = methods
+        self._self_cache: dict[str, tuple[object, Callable[..., Any]]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self.__wrapped__, name)
+        if name not in self._self_methods:
+            return value
+        # Bound methods are fresh objects on every access: wrap the function once and
+        # bind the wrapper, so iscoroutinefunction and __name__ keep working.
+        func = getattr(value, "__func__", value)
+        cached = self._self_cache.get(name)
+        if cached is None or cached[0] is not func:
+            cached = (func, self._self_breaker(func))
+            self._self_cache[name] = cached
+        owner = getattr(value, "__self__", None)
+        return cached[1] if owner is None else types.MethodType(cached[1], owner)
+
+    def __repr__(self) -> str:
+        return f"<guarded by {self._self_breaker.name!r}: {self.__wrapped__!r}>"

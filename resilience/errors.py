@@ -1,0 +1,43 @@
+"""Exceptions raised by resilience. All subclass :class:`ResilienceError`."""
+
+from __future__ import annotations
+
+__all__ = ["CircuitOpenError", "RateLimited", "ResilienceError"]
+
+
+class ResilienceError(Exception):
+    """Base class of every exception this package raises on purpose."""
+
+
+class CircuitOpenError(ResilienceError):
+    """A circuit breaker rejected the call without running it.
+
+    A fresh instance is raised for every rejection, so tracebacks never pile up
+    on a shared object while a breaker stays open.
+    """
+
+    __slots__ = ("name", "retry_after")
+
+    def __init__(self, name: str, retry_after: float) -> None:
+        # BaseException.__new__ has already stored args; skipping super() keeps rejection cheap.
+        self.name = name
+        #: Seconds until the breaker lets a probe through (0.0 when probes are busy).
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"circuit {self.name!r} is open; retry after {self.retry_after:.3f}s"
+
+
+class RateLimited(ResilienceError):
+    """A rate limiter refused the call; ``retry_after`` says when enough tokens exist."""
+
+    __slots__ = ("key", "retry_after")
+
+    def __init__(self, retry_after: float, key: str | None = None) -> None:
+        super().__init__(retry_after, key)
+        self.retry_after = retry_after
+        self.key = key
+
+    def __str__(self) -> str:
+        where = f" for {self.key!r}" if self.key is not None else ""
+        return f"rate limited{where}; retry after {self.retry_after:.3f}s"
