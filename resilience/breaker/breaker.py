@@ -12,14 +12,12 @@ written under the lock (see ``BreakerPolicy._refresh``).
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import dataclasses
 import functools
 import inspect
 import itertools
 import math
-import sys
 import threading
 import types
 import weakref
@@ -34,9 +32,9 @@ from collections.abc import (
 from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
-import anyio
 import wrapt
 
+from resilience._cancel import cancelled_types, deadline_expired
 from resilience._clock import Clock, resolve
 from resilience._events import Dispatcher, Listener
 from resilience.breaker.policy import (
@@ -70,22 +68,6 @@ _INF: Final = math.inf
 # Every breaker, so resilience.testing can switch them all off; weak, so it never keeps one.
 _ALL: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
 _forced_closed_for_tests = False
-
-
-def _cancelled_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [asyncio.CancelledError, GeneratorExit]
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        types.append(trio.Cancelled)
-    return tuple(types)
-
-
-def _deadline_passed() -> bool:
-    """True when the current cancellation comes from an anyio deadline (a timeout)."""
-    try:
-        return anyio.current_effective_deadline() <= anyio.current_time()
-    except Exception:
-        return False
 
 
 def _exc_types(field: str, value: object) -> tuple[type[BaseException], ...]:
@@ -373,9 +355,9 @@ class CircuitBreaker:
             self._events.drain()
 
     def _classify(self, error: BaseException, in_async: bool) -> Outcome:
-        if isinstance(error, _cancelled_types()):
+        if isinstance(error, cancelled_types()):
             # A caller going away is no verdict on the dependency; a deadline is.
-            return Outcome.FAILURE if in_async and _deadline_passed() else Outcome.IGNORED
+            return Outcome.FAILURE if in_async and deadline_expired() else Outcome.IGNORED
         if self._exclude and isinstance(error, self._exclude):
             return Outcome.IGNORED
         if isinstance(error, self._include):

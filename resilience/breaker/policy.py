@@ -562,7 +562,11 @@ class BreakerPolicy:
     ) -> None:
         """Record how an admitted call ended. Calls from an earlier generation are ignored."""
         gen, probe = admission
-        stale = gen != self.gen or (probe != 0 and self.probes.pop(probe, None) is None)
+        stale = gen != self.gen
+        if probe and not stale:
+            # A probe counts only if it reports before its lease ends.
+            deadline = self.probes.pop(probe, None)
+            stale = deadline is None or deadline <= now
         if self.observed:
             self.events.append(
                 CallFinished(self.config.name, outcome, duration, stale, self.state, error)

@@ -1,0 +1,113 @@
+"""`python -m resilience demo`: the package in action on embedded defaults, no servers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import resilience as rs
+
+
+class FlakyService:
+    """A dependency that is healthy, then down, then healthy again."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.calls = 0
+
+    def charge(self, amount: int) -> str:
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("payments service unreachable")
+        time.sleep(0.005)
+        return f"charged {amount}"
+
+
+def run_breaker_demo(out: list[str] | None = None) -> Counter[str]:
+    """Drive a breaker through an outage; print and return what happened."""
+    start = time.monotonic()
+    tally: Counter[str] = Counter()
+
+    def say(text: str) -> None:
+        line = f"  t={time.monotonic() - start:5.2f}s  {text}"
+        print(line, flush=True)
+        if out is not None:
+            out.append(line)
+
+    def on_event(event: rs.BreakerEvent) -> None:
+        if isinstance(event, rs.StateChanged):
+            say(f"breaker {event.old.value} -> {event.new.value}  ({event.trigger.value})")
+            tally[f"to {event.new.value}"] += 1
+
+    service = FlakyService()
+    breaker = rs.CircuitBreaker(
+        "payments",
+        failure_threshold=3,
+        recovery_timeout=0.4,
+        success_threshold=2,
+        half_open_max_calls=1,
+        listeners=[on_event],
+    )
+    charge = breaker(service.charge)
+
+    def attempt(i: int) -> None:
+        try:
+            charge(i)
+            tally["ok"] += 1
+            say(f"call {i:2d}: ok")
+        except rs.CircuitOpenError as e:
+            tally["rejected"] += 1
+            say(f"call {i:2d}: rejected without calling ({e.retry_after:.2f}s to go)")
+        except ConnectionError as e:
+            tally["failed"] += 1
+            say(f"call {i:2d}: failed: {e}")
+
+    print("\n== Circuit breaker: a payments dependency goes down and comes back")
+    for i in range(1, 4):
+        attempt(i)
+    say("-- the payments service goes down --")
+    service.down = True
+    for i in range(4, 12):
+        attempt(i)
+        time.sleep(0.05)
+    time.sleep(0.1)
+    attempt(12)  # half-open: one probe, it fails, open again
+
+    say("-- the service recovers; 20 threads arrive together once the breaker half-opens --")
+    service.down = False
+    time.sleep(breaker.retry_after + 0.01)
+    gate = threading.Barrier(20)
+    admitted = Counter[str]()
+    lock = threading.Lock()
+
+    def burst() -> None:
+        gate.wait()
+        try:
+            charge(0)
+            outcome = "probe admitted"
+        except rs.CircuitOpenError:
+            outcome = "rejected at once"
+        with lock:
+            admitted[outcome] += 1
+
+    threads = [threading.Thread(target=burst) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    say(f"burst of 20: {dict(admitted)} (half_open_max_calls=1)")
+    tally["burst rejected"] = admitted["rejected at once"]
+    for i in range(13, 16):
+        attempt(i)
+    say(f"the dependency saw {service.calls} calls; the breaker is {breaker.state.value}")
+    return tally
+
+
+def main() -> int:
+    tally = run_breaker_demo()
+    print("\n== Summary")
+    width = max(len(k) for k in tally)
+    for key, value in sorted(tally.items()):
+        print(f"  {key:<{width}}  {value}")
+    return 0

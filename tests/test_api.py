@@ -1,0 +1,90 @@
+"""The public surface: exports, sync/async twins, layering, packaging."""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+import re
+import subprocess
+import sys
+
+import resilience.integrations
+
+import resilience as rs
+from resilience.breaker.breaker import Permit
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_all_is_sorted_complete_and_importable() -> None:
+    assert rs.__all__ == sorted(rs.__all__)
+    for name in rs.__all__:
+        assert getattr(rs, name) is not None
+    public = {n for n in vars(rs) if not n.startswith("_") and n[0].isupper()}
+    assert public <= set(rs.__all__), (
+        f"exported but missing from __all__: {public - set(rs.__all__)}"
+    )
+
+
+def _twins(cls: type) -> tuple[set[str], set[str]]:
+    names = {n for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
+    sync = {n for n in names if not inspect.iscoroutinefunction(getattr(cls, n))}
+    asyncs = {n for n in names if inspect.iscoroutinefunction(getattr(cls, n))}
+    return sync, asyncs
+
+
+def test_every_sync_method_has_an_async_twin_and_back() -> None:
+    # Methods with no I/O or waiting need no twin.
+    no_twin = {
+        "add_listener",
+        "remove_listener",
+        "stats",
+        "force_open",
+        "force_closed",
+        "disable",
+        "reset",
+        "guard",
+    }
+    for cls in (rs.CircuitBreaker, Permit):
+        sync, asyncs = _twins(cls)
+        for name in sync - no_twin:
+            assert "a" + name in asyncs, f"{cls.__name__}.{name} has no async twin"
+        for name in asyncs:
+            assert name[1:] in sync, f"{cls.__name__}.{name} has no sync twin"
+    assert hasattr(rs.CircuitBreaker, "__aenter__")
+    assert hasattr(rs.CircuitBreaker, "__enter__")
+
+
+def test_core_imports_no_web_framework_or_database_driver() -> None:
+    code = (
+        "import sys, resilience, resilience.testing, resilience.breaker;"
+        "bad = [m for m in ('starlette', 'fastapi', 'psycopg', 'sqlite3', 'uvicorn', 'httpx')"
+        " if m in sys.modules];"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_pure_policies_read_no_clock() -> None:
+    source = (ROOT / "resilience" / "breaker" / "policy.py").read_text()
+    for forbidden in ("import time", "from time", "monotonic(", "_clock", "threading"):
+        assert forbidden not in source, forbidden
+
+
+def test_every_package_folder_is_in_pyproject() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    match = re.search(r"^packages = \[(.*?)\]", text, re.M | re.S)
+    assert match is not None
+    listed = set(re.findall(r'"([\w.]+)"', match.group(1)))
+    found = set()
+    for base, prefix in (("resilience", "resilience"), ("integrations", "resilience.integrations")):
+        for init in (ROOT / base).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / base).parts
+            found.add(".".join((prefix, *rel)))
+    assert found == listed
+
+
+def test_integrations_install_under_resilience_and_py_typed_ships() -> None:
+    assert resilience.integrations.__name__ == "resilience.integrations"
+    assert (pathlib.Path(rs.__file__).parent / "py.typed").exists()
