@@ -374,6 +374,15 @@ def test_operator_controls_and_stats(clock: FakeClock) -> None:
     assert b.stats().trips == 1
 
 
+def test_integer_timeouts_are_accepted(clock: FakeClock) -> None:
+    b = rs.CircuitBreaker("ints", recovery_timeout=30, probe_lease=5, clock=clock)
+    b.force_open()
+    with pytest.raises(rs.CircuitOpenError) as info:
+        b.call(int)
+    assert info.value.retry_after == 30.0
+    assert b.try_acquire() is None
+
+
 def test_rejections_raise_fresh_errors_and_do_not_grow_memory(clock: FakeClock) -> None:
     b = make(clock)
     b.force_open()

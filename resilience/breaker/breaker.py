@@ -297,6 +297,19 @@ class CircuitBreaker:
             return result
         return cast(Admission, result), (now if policy.timed else None)
 
+    def _begin(self) -> tuple[Admission, float | None]:
+        """Admit one call: lock-free when closed and untimed, else through _enter."""
+        gen = self._policy.free_gen
+        if gen >= 0:
+            return (gen, 0), None
+        return self._enter()
+
+    async def _abegin(self) -> tuple[Admission, float | None]:
+        gen = self._policy.free_gen
+        if gen >= 0:
+            return (gen, 0), None
+        return await self._aenter()
+
     def _enter(self) -> tuple[Admission, float | None]:
         result = self._admit()
         if self._events.queue:
@@ -386,24 +399,26 @@ class CircuitBreaker:
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` through the breaker."""
-        admission, start = self._enter()
+        admission, start = self._begin()
         try:
             result = fn(*args, **kwargs)
         except BaseException as error:
             self._on_error(admission, start, error)
             raise
-        self._on_result(admission, start, result)
+        if not self._policy.quiet:
+            self._on_result(admission, start, result)
         return result
 
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Await ``fn(*args, **kwargs)`` through the breaker."""
-        admission, start = await self._aenter()
+        admission, start = await self._abegin()
         try:
             result = await fn(*args, **kwargs)
         except BaseException as error:
             await self._aon_error(admission, start, error)
             raise
-        await self._aon_result(admission, start, result)
+        if not self._policy.quiet:
+            await self._aon_result(admission, start, result)
         return result
 
     def try_acquire(self) -> Permit | None:
@@ -428,7 +443,7 @@ class CircuitBreaker:
     # `with b:` keeps its permit in a context variable: the breaker is shared, so the
     # permit of one thread or task must never sit on the object.
     def __enter__(self) -> CircuitBreaker:
-        admission, start = self._enter()
+        admission, start = self._begin()
         self._stack.set((*self._stack.get(), Permit(self, admission, start)))
         return self
 
@@ -442,13 +457,14 @@ class CircuitBreaker:
         self._stack.set(stack[:-1])
         permit = stack[-1]
         if exc is None:
-            permit.success()
+            if not self._policy.quiet:
+                permit.success()
         else:
             permit._settled = True
             self._on_error(permit._admission, permit._start, exc)
 
     async def __aenter__(self) -> CircuitBreaker:
-        admission, start = await self._aenter()
+        admission, start = await self._abegin()
         self._stack.set((*self._stack.get(), Permit(self, admission, start)))
         return self
 
@@ -462,7 +478,8 @@ class CircuitBreaker:
         self._stack.set(stack[:-1])
         permit = stack[-1]
         if exc is None:
-            await permit.asuccess()
+            if not self._policy.quiet:
+                await permit.asuccess()
         else:
             permit._settled = True
             await self._aon_error(permit._admission, permit._start, exc)

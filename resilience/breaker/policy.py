@@ -213,6 +213,16 @@ class BreakerConfig:
             raise TypeError(
                 f"failure_rate must be a FailureRate, got {type(self.failure_rate).__name__}"
             )
+        # Ints are valid input; store floats so every retry_after the policy returns is one.
+        for field in (
+            "recovery_timeout",
+            "recovery_backoff",
+            "max_recovery_timeout",
+            "probe_lease",
+        ):
+            value = getattr(self, field)
+            if value is not None:
+                object.__setattr__(self, field, float(value))
         if self.slow_call_rate is not None and not isinstance(self.slow_call_rate, SlowCallRate):
             raise TypeError(
                 f"slow_call_rate must be a SlowCallRate, got {type(self.slow_call_rate).__name__}"
