@@ -15,8 +15,8 @@ def breaker_mermaid() -> str:
         if trigger not in operator:
             edges[(old.value, new.value)].append(trigger.value)
     lines = ["stateDiagram-v2", "    [*] --> closed"]
-    for (old, new), triggers in sorted(edges.items()):
-        lines.append(f"    {old} --> {new}: {' / '.join(sorted(triggers))}")
+    for (src, dst), triggers in sorted(edges.items()):
+        lines.append(f"    {src} --> {dst}: {' / '.join(sorted(triggers))}")
     ops = ", ".join(sorted(t.value for t in operator))
     lines.append(f"    note right of closed: operator triggers from any state: {ops}")
     return "\n".join(lines)

@@ -88,3 +88,9 @@ def test_every_package_folder_is_in_pyproject() -> None:
 def test_integrations_install_under_resilience_and_py_typed_ships() -> None:
     assert resilience.integrations.__name__ == "resilience.integrations"
     assert (pathlib.Path(rs.__file__).parent / "py.typed").exists()
+
+
+def test_design_doc_diagram_matches_the_transition_table() -> None:
+    from resilience._diagram import breaker_mermaid
+
+    assert breaker_mermaid() in (ROOT / "docs" / "design.md").read_text()
