@@ -1,0 +1,1 @@
+"""Shared test infrastructure: real-service fixtures and a TCP fault proxy."""
