@@ -4,6 +4,7 @@ import resilience as rs
 breaker = rs.CircuitBreaker("payments", failure_threshold=5, recovery_timeout=30.0)
 """
 
+from resilience._remote import BackendStateChanged, OnError
 from resilience.breaker import (
     BreakerEvent,
     BreakerMode,
@@ -19,10 +20,19 @@ from resilience.breaker import (
     StateChanged,
 )
 from resilience.errors import CircuitOpenError, RateLimited, ResilienceError
+from resilience.limiter import (
+    Decision,
+    Limit,
+    LimitGroup,
+    MemoryBackend,
+    RedisBackend,
+    TokenBucket,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendStateChanged",
     "BreakerEvent",
     "BreakerMode",
     "BreakerStats",
@@ -31,11 +41,18 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "CircuitState",
+    "Decision",
     "FailureRate",
+    "Limit",
+    "LimitGroup",
+    "MemoryBackend",
+    "OnError",
     "Outcome",
     "Permit",
     "RateLimited",
+    "RedisBackend",
     "ResilienceError",
     "SlowCallRate",
     "StateChanged",
+    "TokenBucket",
 ]

@@ -33,6 +33,14 @@ class SystemClock:
     def time(self) -> float:
         return _time.time()
 
+    def sleep(self, seconds: float) -> None:
+        _time.sleep(seconds)
+
+    async def asleep(self, seconds: float) -> None:
+        import anyio
+
+        await anyio.sleep(seconds)
+
     def __repr__(self) -> str:
         return "SystemClock()"
 

@@ -46,6 +46,16 @@ class FakeClock:
             self._now += seconds
             return self._now
 
+    def sleep(self, seconds: float) -> None:
+        """Sleeping on a fake clock moves it; nothing waits."""
+        self.advance(seconds)
+
+    async def asleep(self, seconds: float) -> None:
+        import anyio
+
+        self.advance(seconds)
+        await anyio.lowlevel.checkpoint()
+
     def __repr__(self) -> str:
         return f"FakeClock(monotonic={self._now})"
 

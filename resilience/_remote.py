@@ -1,0 +1,129 @@
+"""A remote backend (Redis) behind a time budget, a circuit breaker and a fallback policy.
+
+While the remote is healthy, calls go through the breaker's lock-free closed path. When
+it fails, the caller gets ``UNAVAILABLE`` and applies its documented policy; once the
+breaker opens, that answer costs a float comparison instead of a socket timeout. Each
+transition is logged once and reported to listeners.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Literal, TypeVar
+
+from resilience._events import Listener
+from resilience.breaker import CallFinished, CircuitBreaker, StateChanged
+from resilience.breaker.policy import CircuitState
+from resilience.errors import CircuitOpenError
+
+__all__ = ["UNAVAILABLE", "BackendStateChanged", "OnError", "RemoteGuard"]
+
+log = logging.getLogger("resilience")
+T = TypeVar("T")
+
+
+class OnError(enum.Enum):
+    """What a limiter or cache does while its remote backend is unavailable."""
+
+    FAIL_OPEN = "fail_open"  # allow / treat as a miss
+    FAIL_CLOSED = "fail_closed"  # deny
+    LOCAL = "local"  # decide in process memory with the same parameters
+
+    @classmethod
+    def parse(cls, value: object, field: str = "on_error") -> OnError:
+        try:
+            return cls(value.value if isinstance(value, OnError) else value)
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"{field} must be one of {choices}, got {value!r}") from None
+
+
+class _Unavailable(enum.Enum):
+    UNAVAILABLE = "unavailable"
+
+
+#: What RemoteGuard returns instead of a result when the backend could not answer.
+UNAVAILABLE: Final = _Unavailable.UNAVAILABLE
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStateChanged:
+    backend: str
+    available: bool
+    on_error: OnError
+    error: BaseException | None
+
+
+class RemoteGuard:
+    def __init__(
+        self,
+        name: str,
+        *,
+        errors: tuple[type[BaseException], ...],
+        on_error: OnError,
+        breaker: CircuitBreaker | None,
+        listeners: list[Listener[BackendStateChanged]],
+    ) -> None:
+        self.name = name
+        self.on_error = on_error
+        self._unavailable: tuple[type[BaseException], ...] = (CircuitOpenError, *errors)
+        self._listeners = listeners
+        self._last_error: BaseException | None = None
+        self.breaker = breaker or CircuitBreaker(
+            f"backend:{name}",
+            failure_threshold=3,
+            recovery_timeout=1.0,
+            success_threshold=1,
+            include=errors,
+        )
+        if not isinstance(self.breaker, CircuitBreaker):
+            raise TypeError(f"breaker must be a CircuitBreaker, got {type(breaker).__name__}")
+        self.breaker.add_listener(self._on_breaker_event)
+
+    @property
+    def available(self) -> bool:
+        return self.breaker.state is not CircuitState.OPEN
+
+    def _on_breaker_event(self, event: object) -> None:
+        # CallFinished comes before the StateChanged it causes, so the error is known here.
+        if isinstance(event, CallFinished):
+            if event.error is not None:
+                self._last_error = event.error
+            return
+        if not isinstance(event, StateChanged):
+            return
+        if event.new is CircuitState.OPEN:
+            log.warning(
+                "resilience backend %r unavailable (%r); %s until it recovers",
+                self.name,
+                self._last_error,
+                self.on_error.value,
+            )
+            change = BackendStateChanged(self.name, False, self.on_error, self._last_error)
+        elif event.new is CircuitState.CLOSED and event.old is not CircuitState.CLOSED:
+            log.warning("resilience backend %r recovered", self.name)
+            change = BackendStateChanged(self.name, True, self.on_error, None)
+        else:
+            return
+        for listener in self._listeners:
+            try:
+                listener(change)
+            except Exception:
+                log.exception("resilience listener %r failed", listener)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T | Literal[_Unavailable.UNAVAILABLE]:
+        try:
+            return self.breaker.call(fn, *args)
+        except self._unavailable:
+            return UNAVAILABLE
+
+    async def acall(
+        self, fn: Callable[..., Awaitable[T]], *args: Any
+    ) -> T | Literal[_Unavailable.UNAVAILABLE]:
+        try:
+            return await self.breaker.acall(fn, *args)
+        except self._unavailable:
+            return UNAVAILABLE

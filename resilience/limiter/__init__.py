@@ -1,0 +1,16 @@
+"""Token-bucket rate limiting: pure bucket math, in-memory and Redis backends, shells."""
+
+from resilience.limiter.bucket import Decision, Limit
+from resilience.limiter.limiter import Backend, LimitGroup, TokenBucket
+from resilience.limiter.memory import MemoryBackend
+from resilience.limiter.redis import RedisBackend
+
+__all__ = [
+    "Backend",
+    "Decision",
+    "Limit",
+    "LimitGroup",
+    "MemoryBackend",
+    "RedisBackend",
+    "TokenBucket",
+]

@@ -1,0 +1,109 @@
+"""In-process token buckets: one dict per limit, one short lock, lazy exact eviction."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from resilience.limiter.bucket import Decision, Limit, combine, decide
+
+__all__ = ["MemoryBackend", "MemoryTable"]
+
+_SWEEP_MIN = 1024
+
+
+class MemoryTable:
+    """The buckets of one limit: key -> full_at. Full buckets are dropped, which is exact."""
+
+    __slots__ = ("_full_at", "_lock", "_next_sweep", "capacity", "limit", "rate")
+
+    def __init__(self, limit: Limit, lock: threading.Lock) -> None:
+        self.limit = limit
+        self.rate = limit.rate
+        self.capacity = limit.capacity
+        self._lock = lock
+        self._full_at: dict[str, float] = {}
+        self._next_sweep = _SWEEP_MIN
+
+    def __len__(self) -> int:
+        return len(self._full_at)
+
+    def decide(self, key: str, cost: float, now: float) -> Decision:
+        table = self._full_at
+        with self._lock:
+            decision, full_at = decide(table.get(key), now, cost, self.rate, self.capacity)
+            if full_at is not None:
+                table[key] = full_at
+                if len(table) > self._next_sweep:
+                    self._sweep(now)
+        return decision
+
+    def _sweep(self, now: float) -> None:
+        """Drop full buckets. Runs when the table doubles, so it costs O(1) per insert."""
+        table = self._full_at
+        for key in [k for k, full_at in table.items() if full_at <= now]:
+            del table[key]
+        self._next_sweep = max(_SWEEP_MIN, 2 * len(table))
+
+    def peek(self, key: str, now: float) -> float | None:
+        """The key's full_at, or None when its bucket is full."""
+        full_at = self._full_at.get(key)
+        return full_at if full_at is not None and full_at > now else None
+
+
+class MemoryBackend:
+    """Buckets in this process's memory. Thread- and task-safe.
+
+    Memory is bounded by the keys active within one fill time (capacity / rate): a key's
+    entry is dropped once its bucket has refilled. Several limits sharing one backend
+    share its lock, so a group of limits is decided atomically.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tables: dict[tuple[str, Limit], MemoryTable] = {}
+
+    def table(self, name: str, limit: Limit) -> MemoryTable:
+        with self._lock:
+            table = self._tables.get((name, limit))
+            if table is None:
+                table = self._tables[(name, limit)] = MemoryTable(limit, self._lock)
+            return table
+
+    def decide(self, tables: Sequence[MemoryTable], key: str, cost: float, now: float) -> Decision:
+        """All limits consume, or none do."""
+        if len(tables) == 1:
+            return tables[0].decide(key, cost, now)
+        return self.decide_group(tables, key, cost, now)
+
+    async def adecide(
+        self, tables: Sequence[MemoryTable], key: str, cost: float, now: float
+    ) -> Decision:
+        return self.decide(tables, key, cost, now)
+
+    def decide_many(
+        self, tables: Sequence[MemoryTable], items: Sequence[tuple[str, float]], now: float
+    ) -> list[Decision]:
+        return [self.decide(tables, key, cost, now) for key, cost in items]
+
+    async def adecide_many(
+        self, tables: Sequence[MemoryTable], items: Sequence[tuple[str, float]], now: float
+    ) -> list[Decision]:
+        return self.decide_many(tables, items, now)
+
+    def decide_group(
+        self, tables: Sequence[MemoryTable], key: str, cost: float, now: float
+    ) -> Decision:
+        """All limits consume, or none do."""
+        with self._lock:
+            pending = [decide(t._full_at.get(key), now, cost, t.rate, t.capacity) for t in tables]
+            if all(d.allowed for d, _ in pending):
+                for t, (_, full_at) in zip(tables, pending, strict=True):
+                    assert full_at is not None
+                    t._full_at[key] = full_at
+                    if len(t._full_at) > t._next_sweep:
+                        t._sweep(now)
+        return combine([d for d, _ in pending])
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self._tables.values())
