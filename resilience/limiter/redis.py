@@ -103,6 +103,7 @@ class RedisBackend:
         self.is_async = isinstance(client, _ASYNC_CLIENTS)
         self.prefix = prefix
         self.on_error = OnError.parse(on_error)
+        self._user_client = client
         self._client = _budgeted(client, float(timeout))
         self._local = MemoryBackend()
         self.guard = RemoteGuard(
@@ -112,6 +113,17 @@ class RedisBackend:
             breaker=breaker,
             listeners=list(listeners),
         )
+
+    def close(self) -> None:
+        """Disconnect the backend's own connection pool (the client you passed stays open)."""
+        self._require(False, "close")
+        if self._client is not self._user_client:
+            self._client.connection_pool.disconnect()
+
+    async def aclose(self) -> None:
+        self._require(True, "aclose")
+        if self._client is not self._user_client:
+            await self._client.connection_pool.disconnect()
 
     def table(self, name: str, limit: Limit) -> RedisTable:
         if "{" in name or "}" in name:
