@@ -104,8 +104,39 @@ def run_breaker_demo(out: list[str] | None = None) -> Counter[str]:
     return tally
 
 
+def run_limiter_demo(out: list[str] | None = None) -> Counter[str]:
+    """A client bursts past its limit; the limiter answers exactly when to come back."""
+    tally: Counter[str] = Counter()
+
+    def say(text: str) -> None:
+        print(f"  {text}", flush=True)
+        if out is not None:
+            out.append(text)
+
+    print("\n== Rate limiter: 10 requests/s with bursts of 20, per client")
+    limiter = rs.TokenBucket(rate=10.0, capacity=20)
+    first_denial = None
+    for i in range(30):
+        decision = limiter.try_acquire("client:alice")
+        tally["allowed" if decision else "denied"] += 1
+        if not decision and first_denial is None:
+            first_denial = decision
+            say(
+                f"request {i + 1}: denied, {decision.remaining} left, "
+                f"retry in {decision.retry_after * 1000:.0f} ms"
+            )
+    say(f"burst of 30 from alice: {tally['allowed']} allowed, {tally['denied']} denied")
+    say(f"bob is unaffected: {bool(limiter.try_acquire('client:bob'))}")
+    start = time.monotonic()
+    limiter.acquire("client:alice", timeout=1.0)
+    say(f"alice waits {(time.monotonic() - start) * 1000:.0f} ms for one token, then goes")
+    tally["waited"] += 1
+    return tally
+
+
 def main() -> int:
     tally = run_breaker_demo()
+    tally.update(run_limiter_demo())
     print("\n== Summary")
     width = max(len(k) for k in tally)
     for key, value in sorted(tally.items()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from resilience._demo import run_breaker_demo
+from resilience._demo import run_breaker_demo, run_limiter_demo
 
 
 def test_breaker_demo_shows_trip_rejections_and_one_probe() -> None:
@@ -29,3 +29,11 @@ def test_demo_command_exits_zero() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "Summary" in out.stdout
+
+
+def test_limiter_demo_denies_past_the_burst_and_waits_exactly() -> None:
+    tally = run_limiter_demo()
+    # Real time runs on: a very slow machine may refill a token during the burst.
+    assert tally["allowed"] + tally["denied"] == 30
+    assert 20 <= tally["allowed"] <= 21
+    assert tally["waited"] == 1
