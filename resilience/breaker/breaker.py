@@ -177,7 +177,7 @@ class CircuitBreaker:
         self._clock = resolve(clock)
         self._lock = threading.Lock()
         # Rejections counted without the lock: next() on a count is atomic. Reading it
-        # advances it too, so reads are subtracted (see _quick_rejected).
+        # advances it too, so reads are subtracted (see stats).
         self._quick_rejections = itertools.count()
         self._quick_reads = 0
         self._policy = BreakerPolicy(self.config)
@@ -217,15 +217,19 @@ class CircuitBreaker:
 
     # -- reading -------------------------------------------------------------------------
 
+    def _with_policy(self, action: Callable[[BreakerPolicy, float], T]) -> T:
+        """Run ``action(policy, now)`` under the lock, then deliver the events it made."""
+        now = self._clock.monotonic()
+        with self._lock:
+            result = action(self._policy, now)
+            self._flush()
+        self._events.drain()
+        return result
+
     @property
     def state(self) -> CircuitState:
         """The state now; an open breaker whose recovery time passed reads half-open."""
-        now = self._clock.monotonic()
-        with self._lock:
-            state = self._policy.current_state(now)
-            self._flush()
-        self._events.drain()
-        return state
+        return self._with_policy(BreakerPolicy.current_state)
 
     @property
     def mode(self) -> BreakerMode:
@@ -237,23 +241,18 @@ class CircuitBreaker:
         return self.stats().retry_after
 
     def stats(self) -> BreakerStats:
-        now = self._clock.monotonic()
-        with self._lock:
-            stats = self._policy.stats(now)
-            self._flush()
+        def read(policy: BreakerPolicy, now: float) -> BreakerStats:
             quick = next(self._quick_rejections) - self._quick_reads
             self._quick_reads += 1
-        self._events.drain()
-        return dataclasses.replace(stats, rejected=stats.rejected + quick)
+            stats = policy.stats(now)
+            return dataclasses.replace(stats, rejected=stats.rejected + quick)
+
+        return self._with_policy(read)
 
     # -- operator controls ---------------------------------------------------------------
 
     def _control(self, action: Callable[[BreakerPolicy, float], None]) -> None:
-        now = self._clock.monotonic()
-        with self._lock:
-            action(self._policy, now)
-            self._flush()
-        self._events.drain()
+        self._with_policy(action)
 
     def force_open(self) -> None:
         """Reject every call until reset() or force_closed()."""
