@@ -441,6 +441,11 @@ class CircuitBreaker:
 
     # `with b:` keeps its permit in a context variable: the breaker is shared, so the
     # permit of one thread or task must never sit on the object.
+    def _pop_permit(self) -> Permit:
+        stack = self._stack.get()
+        self._stack.set(stack[:-1])
+        return stack[-1]
+
     def __enter__(self) -> CircuitBreaker:
         admission, start = self._begin()
         self._stack.set((*self._stack.get(), Permit(self, admission, start)))
@@ -452,14 +457,11 @@ class CircuitBreaker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack = self._stack.get()
-        self._stack.set(stack[:-1])
-        permit = stack[-1]
+        permit = self._pop_permit()
         if exc is None:
             if not self._policy.quiet:
                 permit.success()
         else:
-            permit._settled = True
             self._on_error(permit._admission, permit._start, exc)
 
     async def __aenter__(self) -> CircuitBreaker:
@@ -473,14 +475,11 @@ class CircuitBreaker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack = self._stack.get()
-        self._stack.set(stack[:-1])
-        permit = stack[-1]
+        permit = self._pop_permit()
         if exc is None:
             if not self._policy.quiet:
                 await permit.asuccess()
         else:
-            permit._settled = True
             await self._aon_error(permit._admission, permit._start, exc)
 
     # -- decorating ----------------------------------------------------------------------
