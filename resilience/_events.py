@@ -29,12 +29,14 @@ Listener = Callable[[E], "Awaitable[None] | None"]
 
 
 class Dispatcher(Generic[E]):
-    __slots__ = ("_background", "_listeners", "_turn", "has_async", "queue")
+    __slots__ = ("_background", "_filters", "_listeners", "_turn", "has_async", "queue")
 
     def __init__(self, listeners: Iterable[Listener[E]] = ()) -> None:
         self.queue: deque[E] = deque()
         self._turn = threading.Lock()
         self._listeners: tuple[Listener[E], ...] = ()
+        # Per listener: the event types it wants, or None for all.
+        self._filters: dict[int, tuple[type, ...] | None] = {}
         self._background: set[Any] = set()
         self.has_async = False
         for listener in listeners:
@@ -43,17 +45,29 @@ class Dispatcher(Generic[E]):
     def __bool__(self) -> bool:
         return bool(self._listeners)
 
-    def add(self, listener: Listener[E]) -> None:
+    def wants(self, event_type: type) -> bool:
+        """Does any listener take events of this type?"""
+        return any(only is None or issubclass(event_type, only) for only in self._filters.values())
+
+    def add(self, listener: Listener[E], only: tuple[type, ...] | None = None) -> None:
         if not callable(listener):
             raise TypeError(f"listener must be callable, got {type(listener).__name__}")
+        if only is not None and not all(isinstance(t, type) for t in only):
+            raise TypeError(f"only must be a tuple of event types, got {only!r}")
         self._listeners = (*self._listeners, listener)
+        self._filters[id(listener)] = only
         self.has_async = self.has_async or _is_async(listener)
 
     def remove(self, listener: Listener[E]) -> None:
         if listener not in self._listeners:
             raise ValueError(f"listener {listener!r} is not registered")
         self._listeners = tuple(x for x in self._listeners if x is not listener)
+        del self._filters[id(listener)]
         self.has_async = any(_is_async(x) for x in self._listeners)
+
+    def _takes(self, listener: Listener[E], event: E) -> bool:
+        only = self._filters[id(listener)]
+        return only is None or isinstance(event, only)
 
     def drain(self) -> None:
         """Deliver queued events from sync code. Async listeners are scheduled, not awaited."""
@@ -65,6 +79,8 @@ class Dispatcher(Generic[E]):
                 while queue:
                     event = queue.popleft()
                     for listener in self._listeners:
+                        if not self._takes(listener, event):
+                            continue
                         result = _call(listener, event)
                         if result is not None:
                             self._schedule(listener, result)
@@ -81,6 +97,8 @@ class Dispatcher(Generic[E]):
                 while queue:
                     event = queue.popleft()
                     for listener in self._listeners:
+                        if not self._takes(listener, event):
+                            continue
                         result = _call(listener, event)
                         if result is not None:
                             try:

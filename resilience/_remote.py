@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
 from resilience._events import Listener
-from resilience.breaker import CallFinished, CircuitBreaker, StateChanged
+from resilience.breaker import CircuitBreaker, StateChanged
 from resilience.breaker.policy import CircuitState
 from resilience.errors import CircuitOpenError
 
@@ -69,9 +69,11 @@ class RemoteGuard:
     ) -> None:
         self.name = name
         self.on_error = on_error
+        self._errors = errors
         self._unavailable: tuple[type[BaseException], ...] = (CircuitOpenError, *errors)
         self._listeners = listeners
         self._last_error: BaseException | None = None
+        self._reported_available = True
         self.breaker = breaker or CircuitBreaker(
             f"backend:{name}",
             failure_threshold=3,
@@ -81,29 +83,30 @@ class RemoteGuard:
         )
         if not isinstance(self.breaker, CircuitBreaker):
             raise TypeError(f"breaker must be a CircuitBreaker, got {type(breaker).__name__}")
-        self.breaker.add_listener(self._on_breaker_event)
+        # State changes only: the breaker keeps its lock-free path for healthy calls.
+        self.breaker.add_listener(self._on_breaker_event, only=(StateChanged,))
 
     @property
     def available(self) -> bool:
         return self.breaker.state is not CircuitState.OPEN
 
     def _on_breaker_event(self, event: object) -> None:
-        # CallFinished comes before the StateChanged it causes, so the error is known here.
-        if isinstance(event, CallFinished):
-            if event.error is not None:
-                self._last_error = event.error
-            return
+        # One report per outage: a failed half-open probe reopens the breaker, but the
+        # backend was never back, so that is not a new outage.
         if not isinstance(event, StateChanged):
             return
-        if event.new is CircuitState.OPEN:
+        if event.new is CircuitState.OPEN and self._reported_available:
+            self._reported_available = False
+            error = self._last_error
             log.warning(
-                "resilience backend %r unavailable (%r); %s until it recovers",
+                "resilience backend %r unavailable (%s); %s until it recovers",
                 self.name,
-                self._last_error,
+                _describe(error),
                 self.on_error.value,
             )
-            change = BackendStateChanged(self.name, False, self.on_error, self._last_error)
-        elif event.new is CircuitState.CLOSED and event.old is not CircuitState.CLOSED:
+            change = BackendStateChanged(self.name, False, self.on_error, error)
+        elif event.new is CircuitState.CLOSED and not self._reported_available:
+            self._reported_available = True
             log.warning("resilience backend %r recovered", self.name)
             change = BackendStateChanged(self.name, True, self.on_error, None)
         else:
@@ -114,9 +117,24 @@ class RemoteGuard:
             except Exception:
                 log.exception("resilience listener %r failed", listener)
 
+    # The error is noted inside the breaker's call, before a trip it causes is reported.
+    def _noting(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except self._errors as error:
+            self._last_error = error
+            raise
+
+    async def _anoting(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        try:
+            return await fn(*args)
+        except self._errors as error:
+            self._last_error = error
+            raise
+
     def call(self, fn: Callable[..., T], *args: Any) -> T | Literal[_Unavailable.UNAVAILABLE]:
         try:
-            return self.breaker.call(fn, *args)
+            return self.breaker.call(self._noting, fn, *args)
         except self._unavailable:
             return UNAVAILABLE
 
@@ -124,6 +142,17 @@ class RemoteGuard:
         self, fn: Callable[..., Awaitable[T]], *args: Any
     ) -> T | Literal[_Unavailable.UNAVAILABLE]:
         try:
-            return await self.breaker.acall(fn, *args)
+            return await self.breaker.acall(self._anoting, fn, *args)
         except self._unavailable:
             return UNAVAILABLE
+
+
+def _describe(error: BaseException | None) -> str:
+    """The error's type and message, and its cause's (redis-py wraps socket errors)."""
+    if error is None:
+        return "no error recorded"
+    text = f"{type(error).__name__}: {error}"
+    cause = error.__cause__ or error.__context__
+    if cause is not None and str(cause) not in text:
+        text += f" (caused by {type(cause).__name__}: {cause})"
+    return text

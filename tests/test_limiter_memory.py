@@ -6,8 +6,11 @@ import threading
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import resilience as rs
+from resilience.limiter.bucket import Limit, decide
 from resilience.testing import FakeClock
 
 
@@ -117,3 +120,33 @@ def test_construction_errors_name_the_parameter() -> None:
         rs.RedisBackend(__import__("redis").Redis(), on_error="retry")
     with pytest.raises(ValueError, match="prefix"):
         rs.RedisBackend(__import__("redis").Redis(), prefix="a{b}")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.sampled_from([0.3, 1.0, 7.0, 1000.0]),
+    capacity=st.sampled_from([1, 2.5, 10, 64]),
+    steps=st.lists(
+        st.tuples(st.floats(0, 3, allow_nan=False), st.sampled_from([0.5, 1, 2])),
+        max_size=60,
+    ),
+)
+def test_the_inlined_hot_path_agrees_with_the_pure_math(
+    rate: float, capacity: float, steps: list[tuple[float, float]]
+) -> None:
+    limit = Limit(rate, capacity)
+    table = rs.MemoryBackend().table("t", limit)
+    full_at: float | None = None
+    now = 0.0
+    for gap, cost in steps:
+        now += gap
+        if cost > capacity:
+            continue
+        expected, new = decide(full_at, now, cost, rate, capacity)
+        if new is not None:
+            full_at = new
+        got = table.decide("k", cost, now)
+        assert got.allowed == expected.allowed
+        assert got.remaining == expected.remaining
+        assert got.retry_after == pytest.approx(expected.retry_after, abs=1e-9)
+        assert got.reset_after == pytest.approx(expected.reset_after, abs=1e-9)

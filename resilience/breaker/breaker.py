@@ -199,9 +199,18 @@ class CircuitBreaker:
 
     # -- listeners -----------------------------------------------------------------------
 
-    def add_listener(self, listener: Listener[BreakerEvent]) -> None:
-        """Call ``listener(event)`` for every StateChanged, CallRejected and CallFinished."""
-        self._events.add(listener)
+    def add_listener(
+        self,
+        listener: Listener[BreakerEvent],
+        *,
+        only: tuple[type[BreakerEvent], ...] | None = None,
+    ) -> None:
+        """Call ``listener(event)`` for every StateChanged, CallRejected and CallFinished.
+
+        ``only=(rs.StateChanged,)`` limits it to those types. A breaker whose listeners
+        all take state changes only keeps its lock-free fast path and times no call.
+        """
+        self._events.add(listener, only)
         self._observe()
 
     def remove_listener(self, listener: Listener[BreakerEvent]) -> None:
@@ -209,7 +218,8 @@ class CircuitBreaker:
         self._observe()
 
     def _observe(self) -> None:
-        observed = bool(self._events)
+        events = self._events
+        observed = events.wants(CallFinished) or events.wants(CallRejected)
         with self._lock:
             self._policy.set_observation(
                 observed=observed, timed=observed, record_successes=self._fail_on_result is not None

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
-__all__ = ["Decision", "Limit", "combine", "decide"]
+__all__ = ["Decision", "Limit", "combine", "decide", "from_wait"]
 
 # Floating-point slack when comparing times (seconds). Far below any real rate's
 # token interval, so it cannot admit a whole extra token.
@@ -97,6 +97,28 @@ def decide(
         Decision,
         (False, int(left + EPSILON), after - now - fill_time, base - now, int(capacity)),
     ), None
+
+
+def from_wait(wait: float, cost: float, rate: float, capacity: float, taken: bool) -> Decision:
+    """The decision for a bucket that needed ``wait`` seconds to be full before the request.
+
+    This is what the Redis script reports; ``taken`` says whether the tokens were taken.
+    """
+    after = wait + cost / rate
+    if taken:
+        return _new_decision(
+            Decision, (True, int(capacity - after * rate + EPSILON), 0.0, after, int(capacity))
+        )
+    return _new_decision(
+        Decision,
+        (
+            False,
+            int(capacity - wait * rate + EPSILON),
+            max(0.0, after - capacity / rate),
+            wait,
+            int(capacity),
+        ),
+    )
 
 
 def combine(decisions: list[Decision]) -> Decision:

@@ -13,7 +13,7 @@ import anyio
 from resilience._clock import Clock, resolve
 from resilience.errors import RateLimited
 from resilience.limiter.bucket import Decision, Limit
-from resilience.limiter.memory import MemoryBackend
+from resilience.limiter.memory import MemoryBackend, MemoryTable
 
 __all__ = ["Backend", "LimitGroup", "TokenBucket"]
 
@@ -69,15 +69,15 @@ class _Limiter:
         self._asleep: Callable[[float], Awaitable[None]] = getattr(
             self._clock, "asleep", anyio.sleep
         )
-        self._smallest = min(limit.capacity for limit in limits)
+        self._now = self._clock.monotonic
+        # A cost of exactly 1 needs no check when every capacity holds a whole token.
+        self._unit_ok = min(limit.capacity for limit in limits) >= 1
         # One in-memory limit: call its table directly (the hot path).
-        self._single = (
+        self._single: MemoryTable | None = (
             self._tables[0] if len(tables) == 1 and isinstance(backend, MemoryBackend) else None
         )
 
     def _cost(self, cost: float) -> float:
-        if cost == 1 and self._smallest >= 1 and not isinstance(cost, bool):
-            return 1.0
         for limit in self.limits:
             limit.check_cost(cost)
         return float(cost)
@@ -86,23 +86,24 @@ class _Limiter:
         """Take ``cost`` tokens for ``key`` if they are there; never waits."""
         if key.__class__ is not str or not key:
             _bad_key(key)
-        cost = self._cost(cost)
+        if not self._unit_ok or cost != 1 or cost.__class__ is not int:
+            cost = self._cost(cost)
         single = self._single
         if single is not None:
-            return cast(Decision, single.decide(key, cost, self._clock.monotonic()))
-        return cast(Decision, self.backend.decide(self._tables, key, cost, self._clock.monotonic()))
+            return single.decide(key, cost, self._now())
+        decision: Decision = self.backend.decide(self._tables, key, cost, self._now())
+        return decision
 
     async def atry_acquire(self, key: str, cost: float = 1) -> Decision:
         if key.__class__ is not str or not key:
             _bad_key(key)
-        cost = self._cost(cost)
+        if not self._unit_ok or cost != 1 or cost.__class__ is not int:
+            cost = self._cost(cost)
         single = self._single
         if single is not None:
-            return cast(Decision, single.decide(key, cost, self._clock.monotonic()))
-        return cast(
-            Decision,
-            await self.backend.adecide(self._tables, key, cost, self._clock.monotonic()),
-        )
+            return single.decide(key, cost, self._now())
+        decision: Decision = await self.backend.adecide(self._tables, key, cost, self._now())
+        return decision
 
     def acquire(self, key: str, cost: float = 1, timeout: float | None = None) -> Decision:
         """Wait for ``cost`` tokens, up to ``timeout`` seconds, or raise RateLimited.
@@ -111,7 +112,7 @@ class _Limiter:
         than the time left, it raises at once instead of sleeping in vain.
         """
         limit = _timeout(timeout)
-        deadline = None if limit is None else self._clock.monotonic() + limit
+        deadline = None if limit is None else self._now() + limit
         while True:
             decision = self.try_acquire(key, cost)
             if decision.allowed:
@@ -121,7 +122,7 @@ class _Limiter:
 
     async def aacquire(self, key: str, cost: float = 1, timeout: float | None = None) -> Decision:
         limit = _timeout(timeout)
-        deadline = None if limit is None else self._clock.monotonic() + limit
+        deadline = None if limit is None else self._now() + limit
         while True:
             decision = await self.atry_acquire(key, cost)
             if decision.allowed:
@@ -130,7 +131,7 @@ class _Limiter:
             await self._asleep(decision.retry_after)
 
     def _check_wait(self, decision: Decision, key: str, deadline: float | None) -> None:
-        if deadline is not None and self._clock.monotonic() + decision.retry_after > deadline:
+        if deadline is not None and self._now() + decision.retry_after > deadline:
             raise RateLimited(decision.retry_after, key)
 
     def _items(self, items: Iterable[str | tuple[str, float]]) -> list[tuple[str, float]]:
@@ -146,15 +147,13 @@ class _Limiter:
         """Decide many requests in one round trip (Redis: one pipeline). Each is separate."""
         return cast(
             "list[Decision]",
-            self.backend.decide_many(self._tables, self._items(items), self._clock.monotonic()),
+            self.backend.decide_many(self._tables, self._items(items), self._now()),
         )
 
     async def atry_acquire_many(self, items: Iterable[str | tuple[str, float]]) -> list[Decision]:
         return cast(
             "list[Decision]",
-            await self.backend.adecide_many(
-                self._tables, self._items(items), self._clock.monotonic()
-            ),
+            await self.backend.adecide_many(self._tables, self._items(items), self._now()),
         )
 
     def limit(

@@ -5,22 +5,34 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from resilience.limiter.bucket import Decision, Limit, combine, decide
+from resilience.limiter.bucket import EPSILON, Decision, Limit, combine, decide
 
 __all__ = ["MemoryBackend", "MemoryTable"]
 
 _SWEEP_MIN = 1024
+_new_decision = tuple.__new__
 
 
 class MemoryTable:
     """The buckets of one limit: key -> full_at. Full buckets are dropped, which is exact."""
 
-    __slots__ = ("_full_at", "_lock", "_next_sweep", "capacity", "limit", "rate")
+    __slots__ = (
+        "_fill",
+        "_full_at",
+        "_limit_int",
+        "_lock",
+        "_next_sweep",
+        "capacity",
+        "limit",
+        "rate",
+    )
 
     def __init__(self, limit: Limit, lock: threading.Lock) -> None:
         self.limit = limit
         self.rate = limit.rate
         self.capacity = limit.capacity
+        self._fill = limit.fill_time + EPSILON
+        self._limit_int = int(limit.capacity)
         self._lock = lock
         self._full_at: dict[str, float] = {}
         self._next_sweep = _SWEEP_MIN
@@ -29,14 +41,37 @@ class MemoryTable:
         return len(self._full_at)
 
     def decide(self, key: str, cost: float, now: float) -> Decision:
-        table = self._full_at
+        # bucket.decide() inlined with this limit's constants: this is the hot path.
+        # tests/test_limiter_memory.py checks that the two always agree.
+        table, rate = self._full_at, self.rate
         with self._lock:
-            decision, full_at = decide(table.get(key), now, cost, self.rate, self.capacity)
-            if full_at is not None:
-                table[key] = full_at
+            full_at = table.get(key)
+            base = now if full_at is None or full_at < now else full_at
+            after = base + cost / rate
+            if after - now <= self._fill:
+                table[key] = after
                 if len(table) > self._next_sweep:
                     self._sweep(now)
-        return decision
+                return _new_decision(
+                    Decision,
+                    (
+                        True,
+                        int(self.capacity - (after - now) * rate + EPSILON),
+                        0.0,
+                        after - now,
+                        self._limit_int,
+                    ),
+                )
+        return _new_decision(
+            Decision,
+            (
+                False,
+                int(self.capacity - (base - now) * rate + EPSILON),
+                after - now - self._fill + EPSILON,
+                base - now,
+                self._limit_int,
+            ),
+        )
 
     def _sweep(self, now: float) -> None:
         """Drop full buckets. Runs when the table doubles, so it costs O(1) per insert."""

@@ -1,11 +1,13 @@
-"""Token buckets in Redis: one Lua script call per decision, on Redis's clock.
+"""Token buckets in Redis: one Lua script call per decision or per batch, on Redis's clock.
 
 - The script (``token_bucket.lua``, package data) runs with EVALSHA; NOSCRIPT (after a
   SCRIPT FLUSH, a failover, a new node) reloads it and retries once.
 - Time comes from Redis ``TIME`` inside the script, so clients with skewed clocks agree.
-- Keys are ``{prefix}:{{{key}}}:{limit}``: every limit of one key shares a hash tag, so a
-  group of limits is one atomic script call, on Redis Cluster too.
+- Keys are ``{prefix}:{<key>}:{limit}``. Every limit of one key shares that hash tag, so
+  a group of limits is one atomic script call, on Redis Cluster too. Braces and ``%`` in
+  a key are percent-escaped, so the tag is never empty or cut short.
 - Keys carry a PEXPIRE of their time to refill: an idle bucket vanishes.
+- A batch is one script call (per hash slot on Cluster, in chunks of ``_CHUNK``).
 - The backend talks to Redis through its own connection pool, built from the client's
   settings with ``timeout`` as the socket timeouts and no retries, and through a
   circuit breaker; while Redis is unavailable, ``on_error`` decides.
@@ -15,20 +17,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any, Final
 
 import redis
 import redis.asyncio
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisClusterException
 from redis.retry import Retry
 
 from resilience._events import Listener
 from resilience._remote import UNAVAILABLE, BackendStateChanged, OnError, RemoteGuard
 from resilience.breaker import CircuitBreaker
-from resilience.limiter.bucket import Decision, Limit, combine
+from resilience.limiter.bucket import Decision, Limit, combine, from_wait
 from resilience.limiter.memory import MemoryBackend, MemoryTable
 
 __all__ = ["RedisBackend", "RedisTable"]
@@ -37,30 +39,38 @@ log = logging.getLogger("resilience")
 
 SCRIPT: Final = resources.files("resilience.limiter").joinpath("token_bucket.lua").read_text()
 SCRIPT_SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()
-_new_decision = tuple.__new__
 _ASYNC_CLIENTS = (redis.asyncio.Redis, redis.asyncio.RedisCluster)
 _SYNC_CLIENTS = (redis.Redis, redis.RedisCluster)
-_OUTAGE_ERRORS: Final = (redis.RedisError, OSError)
+_CLUSTERS = (redis.RedisCluster, redis.asyncio.RedisCluster)
+# Cluster routing errors are not RedisErrors; they follow the outage policy too.
+_OUTAGE_ERRORS: Final = (redis.RedisError, RedisClusterException, OSError)
+_CHUNK: Final = 500  # requests per script call: bounds how long one call holds Redis
+_new_decision = tuple.__new__
+_ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
+
+# One planned script call: (keys, args, indexes of the requests it decides).
+_Call = tuple[list[str], list[str], list[int]]
 
 
 class RedisTable:
-    """The buckets of one limit in Redis; decisions go through the backend."""
+    """One limit's buckets in Redis; decisions go through the backend."""
 
     __slots__ = ("args", "limit", "local", "suffix")
 
     def __init__(self, name: str, limit: Limit, local: MemoryTable) -> None:
         self.limit = limit
         self.suffix = f":{name}"
-        self.args = (repr(limit.rate), repr(limit.capacity))
+        per_token_us = 1e6 / limit.rate
+        self.args = (repr(per_token_us), repr(limit.capacity * per_token_us))
         self.local = local
 
 
 def _budgeted(client: Any, timeout: float) -> Any:
     """A client on a pool of its own with ``timeout`` socket timeouts and no retries."""
-    pool = getattr(client, "connection_pool", None)
-    if pool is None or isinstance(client, (redis.RedisCluster, redis.asyncio.RedisCluster)):
+    if isinstance(client, _CLUSTERS):
         log.info("resilience: %s keeps its own timeouts and retries", type(client).__name__)
         return client
+    pool = client.connection_pool
     kwargs = dict(pool.connection_kwargs)
     kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
     is_async = isinstance(client, _ASYNC_CLIENTS)
@@ -74,7 +84,8 @@ def _budgeted(client: Any, timeout: float) -> Any:
 class RedisBackend:
     """Token buckets shared by every process and host that uses the same Redis.
 
-    ``client`` is a ``redis.Redis`` (sync calls) or ``redis.asyncio.Redis`` (async calls).
+    ``client`` is a ``redis.Redis`` (sync calls) or ``redis.asyncio.Redis`` (async calls),
+    or a RedisCluster of either kind (which keeps its own timeouts and retries).
     ``on_error`` is what happens while Redis cannot answer within ``timeout`` seconds:
     ``"local"`` (default) decides in process memory with the same limits,
     ``"fail_open"`` allows, ``"fail_closed"`` denies. ``breaker`` replaces the default
@@ -101,6 +112,7 @@ class RedisBackend:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.is_async = isinstance(client, _ASYNC_CLIENTS)
+        self.is_cluster = isinstance(client, _CLUSTERS)
         self.prefix = prefix
         self.on_error = OnError.parse(on_error)
         self._user_client = client
@@ -130,49 +142,75 @@ class RedisBackend:
             raise ValueError(f"name must not contain braces, got {name!r}")
         return RedisTable(name, limit, self._local.table(name, limit))
 
-    # -- key and argument layout ---------------------------------------------------------
+    # -- planning calls and reading replies ----------------------------------------------
 
-    def _keys(self, tables: Sequence[RedisTable], key: str) -> list[str]:
-        head = f"{self.prefix}:{{{key}}}"
-        return [head + t.suffix for t in tables]
+    def _head(self, key: str) -> str:
+        if "{" in key or "}" in key or "%" in key:
+            key = key.translate(_ESCAPES)
+        return f"{self.prefix}:{{{key}}}"
 
-    @staticmethod
-    def _args(tables: Sequence[RedisTable], cost: float) -> list[str]:
-        args = [repr(cost)]
+    def _plan(
+        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
+    ) -> Iterator[_Call]:
+        """Script calls for ``items``: one per chunk, and per hash slot on Cluster."""
+        limit_args = [str(len(tables))]
         for t in tables:
-            args.extend(t.args)
-        return args
+            limit_args.extend(t.args)
+        groups: dict[int, list[int]] = {}
+        if self.is_cluster:
+            for i, (key, _) in enumerate(items):
+                slot = self._client.keyslot(self._head(key))
+                groups.setdefault(slot, []).append(i)
+        else:
+            groups[0] = list(range(len(items)))
+        for indexes in groups.values():
+            for start in range(0, len(indexes), _CHUNK):
+                chunk = indexes[start : start + _CHUNK]
+                keys: list[str] = []
+                costs: list[str] = []
+                for i in chunk:
+                    key, cost = items[i]
+                    head = self._head(key)
+                    keys.extend(head + t.suffix for t in tables)
+                    costs.append(repr(cost))
+                yield keys, limit_args + costs, chunk
 
     @staticmethod
-    def _decision(tables: Sequence[RedisTable], reply: Sequence[Any]) -> Decision:
-        parts = []
-        for i, t in enumerate(tables):
-            allowed, remaining, retry_us, reset_us = reply[1 + 4 * i : 5 + 4 * i]
-            parts.append(
-                _new_decision(
-                    Decision,
-                    (
-                        bool(allowed) and bool(reply[0]),
-                        int(remaining),
-                        retry_us / 1e6,
-                        reset_us / 1e6,
-                        int(t.limit.capacity),
-                    ),
+    def _read(
+        tables: Sequence[RedisTable],
+        items: Sequence[tuple[str, float]],
+        call: _Call,
+        reply: bytes | str,
+        out: list[Decision | None],
+    ) -> None:
+        fields = reply.split()
+        step = 1 + len(tables)
+        for n, i in enumerate(call[2]):
+            cost = items[i][1]
+            taken = int(fields[n * step]) == 1
+            parts = [
+                from_wait(
+                    int(fields[n * step + 1 + j]) / 1e6,
+                    cost,
+                    t.limit.rate,
+                    t.limit.capacity,
+                    taken,
                 )
-            )
-        return combine(parts)
+                for j, t in enumerate(tables)
+            ]
+            out[i] = combine(parts)
 
     def _fallback(
         self, tables: Sequence[RedisTable], key: str, cost: float, now: float
     ) -> Decision:
         if self.on_error is OnError.LOCAL:
             return self._local.decide_group([t.local for t in tables], key, cost, now)
-        allowed = self.on_error is OnError.FAIL_OPEN
         limit = tables[0].limit
-        return _new_decision(
-            Decision,
-            (allowed, 0, 0.0 if allowed else limit.fill_time, 0.0, int(limit.capacity)),
-        )
+        if self.on_error is OnError.FAIL_OPEN:
+            return _new_decision(Decision, (True, 0, 0.0, 0.0, int(limit.capacity)))
+        # Denied: come back when the breaker next asks Redis, or after one token's time.
+        retry = max(self.guard.breaker.retry_after, cost / limit.rate)
+        return _new_decision(Decision, (False, 0, retry, 0.0, int(limit.capacity)))
 
     def _require(self, want_async: bool, method: str) -> None:
         if self.is_async != want_async:
@@ -189,54 +227,31 @@ class RedisBackend:
             self._client.script_load(SCRIPT)
             return self._client.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
 
+    def _run(
+        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
+    ) -> list[Decision]:
+        out: list[Decision | None] = [None] * len(items)
+        for call in self._plan(tables, items):
+            self._read(tables, items, call, self._eval(call[0], call[1]), out)
+        return out  # type: ignore[return-value]  # every index is filled by its call
+
     def decide(self, tables: Sequence[RedisTable], key: str, cost: float, now: float) -> Decision:
         self._require(False, "try_acquire")
-        reply = self.guard.call(self._eval, self._keys(tables, key), self._args(tables, cost))
-        if reply is UNAVAILABLE:
-            return self._fallback(tables, key, cost, now)
-        return self._decision(tables, reply)
-
-    def _pipeline(self, calls: list[tuple[list[str], list[str]]], todo: list[int]) -> Any:
-        pipe = self._client.pipeline(transaction=False)
-        for i in todo:
-            keys, args = calls[i]
-            pipe.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
-        return pipe
-
-    @staticmethod
-    def _collect(todo: list[int], replies: list[Any], results: list[Any]) -> list[int]:
-        """Store replies; return the calls that met NOSCRIPT (script flushed mid-batch)."""
-        missing = []
-        for i, reply in zip(todo, replies, strict=True):
-            if isinstance(reply, NoScriptError):
-                missing.append(i)
-            elif isinstance(reply, Exception):
-                raise reply
-            else:
-                results[i] = reply
-        return missing
-
-    def _eval_many(self, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        replies = self._pipeline(calls, todo).execute(raise_on_error=False)
-        missing = self._collect(todo, replies, results)
-        if missing:
-            self._client.script_load(SCRIPT)
-            replies = self._pipeline(calls, missing).execute(raise_on_error=False)
-            if self._collect(missing, replies, results):
-                raise NoScriptError("script missing right after SCRIPT LOAD")
-        return results
+        return self._decide(tables, [(key, cost)], now)[0]
 
     def decide_many(
         self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]], now: float
     ) -> list[Decision]:
         self._require(False, "try_acquire_many")
-        calls = [(self._keys(tables, k), self._args(tables, c)) for k, c in items]
-        replies = self.guard.call(self._eval_many, calls)
-        if replies is UNAVAILABLE:
+        return self._decide(tables, items, now)
+
+    def _decide(
+        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]], now: float
+    ) -> list[Decision]:
+        decisions = self.guard.call(self._run, tables, items)
+        if decisions is UNAVAILABLE:
             return [self._fallback(tables, k, c, now) for k, c in items]
-        return [self._decision(tables, r) for r in replies]
+        return decisions
 
     # -- async -----------------------------------------------------------------------------
 
@@ -247,35 +262,30 @@ class RedisBackend:
             await self._client.script_load(SCRIPT)
             return await self._client.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
 
+    async def _arun(
+        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
+    ) -> list[Decision]:
+        out: list[Decision | None] = [None] * len(items)
+        for call in self._plan(tables, items):
+            self._read(tables, items, call, await self._aeval(call[0], call[1]), out)
+        return out  # type: ignore[return-value]
+
     async def adecide(
         self, tables: Sequence[RedisTable], key: str, cost: float, now: float
     ) -> Decision:
         self._require(True, "atry_acquire")
-        reply = await self.guard.acall(
-            self._aeval, self._keys(tables, key), self._args(tables, cost)
-        )
-        if reply is UNAVAILABLE:
-            return self._fallback(tables, key, cost, now)
-        return self._decision(tables, reply)
-
-    async def _aeval_many(self, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        replies = await self._pipeline(calls, todo).execute(raise_on_error=False)
-        missing = self._collect(todo, replies, results)
-        if missing:
-            await self._client.script_load(SCRIPT)
-            replies = await self._pipeline(calls, missing).execute(raise_on_error=False)
-            if self._collect(missing, replies, results):
-                raise NoScriptError("script missing right after SCRIPT LOAD")
-        return results
+        return (await self._adecide(tables, [(key, cost)], now))[0]
 
     async def adecide_many(
         self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]], now: float
     ) -> list[Decision]:
         self._require(True, "atry_acquire_many")
-        calls = [(self._keys(tables, k), self._args(tables, c)) for k, c in items]
-        replies = await self.guard.acall(self._aeval_many, calls)
-        if replies is UNAVAILABLE:
+        return await self._adecide(tables, items, now)
+
+    async def _adecide(
+        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]], now: float
+    ) -> list[Decision]:
+        decisions = await self.guard.acall(self._arun, tables, items)
+        if decisions is UNAVAILABLE:
             return [self._fallback(tables, k, c, now) for k, c in items]
-        return [self._decision(tables, r) for r in replies]
+        return decisions

@@ -1,62 +1,53 @@
--- Token buckets decided atomically, on Redis time.
--- The same rules as resilience/limiter/bucket.py, in microseconds.
+-- Token buckets decided atomically on Redis's clock: one call decides one request or a
+-- whole batch. The same rules as resilience/limiter/bucket.py, in microseconds.
 --
--- KEYS[i]  the bucket of limit i; every key shares one {hash tag}, so Cluster accepts it
--- ARGV[1]  cost (tokens)
--- ARGV[2i], ARGV[2i+1]  rate (tokens/s) and capacity of limit i
+-- ARGV[1]                L, the number of limits each request is checked against
+-- ARGV[2j], ARGV[2j+1]   limit j: microseconds per token, microseconds to fill (j = 1..L)
+-- ARGV[2L+1+i]           the cost of request i (i = 1..n)
+-- KEYS[(i-1)L + j]       request i's bucket for limit j; the L keys of a request share
+--                        one {hash tag}, so Redis Cluster accepts them
 --
--- A bucket's value is the time it is full again (microseconds since the epoch, Redis
--- clock). A full bucket needs no key, so keys expire when their bucket is full.
+-- A bucket's value is the time it is full again (microseconds, Redis clock); it expires
+-- then, because a full bucket needs no key. Requests are decided in order, each taking
+-- from all its limits or from none.
 --
--- Returns {allowed (0/1), then per limit: allowed_i, remaining_i, retry_us_i, reset_us_i}.
--- All limits consume, or none do.
+-- Returns one string: per request "ok w1 .. wL", where ok is 1 when the tokens were
+-- taken and wj is how long (microseconds, rounded up) limit j's bucket needed to be
+-- full before this request. The client derives every other figure from these.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local cost = tonumber(ARGV[1])
-local n = #KEYS
-local base, after, fill = {}, {}, {}
-local all_allowed = 1
-
+local L = tonumber(ARGV[1])
+local per, fill = {}, {}
+for j = 1, L do
+  per[j] = tonumber(ARGV[2 * j])
+  fill[j] = tonumber(ARGV[2 * j + 1])
+end
+local n = #ARGV - 1 - 2 * L
+local out, base = {}, {}
 for i = 1, n do
-  local rate = tonumber(ARGV[2 * i])
-  local capacity = tonumber(ARGV[2 * i + 1])
-  local full_at = tonumber(redis.call('GET', KEYS[i]))
-  if full_at == nil or full_at < now then
-    full_at = now
+  local cost = tonumber(ARGV[1 + 2 * L + i])
+  local off = (i - 1) * L
+  local ok = 1
+  for j = 1, L do
+    local full_at = tonumber(redis.call('GET', KEYS[off + j]))
+    if full_at == nil or full_at < now then
+      full_at = now
+    end
+    base[j] = full_at
+    -- One microsecond of slack for float rounding: far below any token interval.
+    if full_at + cost * per[j] - now > fill[j] + 1 then
+      ok = 0
+    end
   end
-  base[i] = full_at
-  after[i] = full_at + cost * 1000000 / rate
-  fill[i] = capacity * 1000000 / rate
-  -- One microsecond of slack for float rounding: far below any token interval.
-  if after[i] - now > fill[i] + 1 then
-    all_allowed = 0
+  out[#out + 1] = ok
+  for j = 1, L do
+    if ok == 1 then
+      local after = base[j] + cost * per[j]
+      redis.call('SET', KEYS[off + j], string.format('%.3f', after),
+                 'PX', math.max(1, math.ceil((after - now) / 1000)))
+    end
+    out[#out + 1] = math.ceil(base[j] - now)
   end
 end
-
-local out = {all_allowed}
-for i = 1, n do
-  local rate = tonumber(ARGV[2 * i])
-  local capacity = tonumber(ARGV[2 * i + 1])
-  local allowed_i = 1
-  if after[i] - now > fill[i] + 1 then
-    allowed_i = 0
-  end
-  local remaining, retry, reset
-  if all_allowed == 1 then
-    local ttl = after[i] - now
-    redis.call('SET', KEYS[i], string.format('%.3f', after[i]), 'PX', math.max(1, math.ceil(ttl / 1000)))
-    remaining = capacity - ttl * rate / 1000000
-    retry = 0
-    reset = ttl
-  else
-    remaining = capacity - (base[i] - now) * rate / 1000000
-    retry = math.max(0, after[i] - now - fill[i])
-    reset = base[i] - now
-  end
-  out[#out + 1] = allowed_i
-  out[#out + 1] = math.floor(remaining + 0.000001)
-  out[#out + 1] = math.ceil(retry)
-  out[#out + 1] = math.ceil(reset)
-end
-return out
+return table.concat(out, ' ')
