@@ -10,11 +10,12 @@ the overhead a wrapper adds on top of the call itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 __all__ = [
@@ -27,8 +28,10 @@ __all__ = [
     "async_call_loop",
     "call_loop",
     "check_target",
+    "event_loop",
     "interleave",
     "measure_async",
+    "measure_async_in",
     "measure_sync",
     "print_group",
     "print_target",
@@ -272,6 +275,51 @@ def measure_async(
             return {name: await cases[name](ops[name]) for name in order}
 
         return run_async(one_round, backend)
+
+    return interleave(list(cases), run_round, s, ops)
+
+
+@contextlib.contextmanager
+def event_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """One asyncio loop kept across several ``run_until_complete`` calls (what
+    ``asyncio.Runner`` does on 3.11+); leftover tasks are cancelled before it closes."""
+    loop = asyncio.new_event_loop()
+    try:
+        yield loop
+    finally:
+        try:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+
+def measure_async_in(
+    loop: asyncio.AbstractEventLoop, cases: Mapping[str, AsyncLoop], s: Settings
+) -> dict[str, CaseResult]:
+    """Like measure_async, but every round runs in the one asyncio ``loop`` given, for
+    cases that hold loop-bound resources (async client connections, loop-bound limiters)."""
+
+    async def calibrate(case: AsyncLoop) -> int:
+        n = 100
+        while True:
+            elapsed = await case(n)
+            if elapsed >= s.loop_ns // 10 or n >= 100_000_000:
+                return _size(elapsed, n, s.loop_ns)
+            n *= 10
+
+    ops = {name: loop.run_until_complete(calibrate(case)) for name, case in cases.items()}
+
+    def run_round(order: Sequence[str]) -> dict[str, float]:
+        async def one_round() -> dict[str, float]:
+            return {name: await cases[name](ops[name]) for name in order}
+
+        return loop.run_until_complete(one_round())
 
     return interleave(list(cases), run_round, s, ops)
 
