@@ -150,3 +150,17 @@ def test_the_inlined_hot_path_agrees_with_the_pure_math(
         assert got.remaining == expected.remaining
         assert got.retry_after == pytest.approx(expected.retry_after, abs=1e-9)
         assert got.reset_after == pytest.approx(expected.reset_after, abs=1e-9)
+
+
+def test_system_clock_limiters_follow_freezegun() -> None:
+    import freezegun
+
+    lim = rs.TokenBucket(1.0, 2)  # built before time is frozen
+    with freezegun.freeze_time("2026-01-01") as frozen:
+        assert lim.try_acquire("k")
+        assert lim.try_acquire("k")
+        denied = lim.try_acquire("k")
+        assert not denied
+        assert denied.retry_after == pytest.approx(1.0)
+        frozen.tick(1.0)
+        assert lim.try_acquire("k")

@@ -10,12 +10,16 @@ from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, cast
 
 import anyio
 
-from resilience._clock import Clock, resolve
+from resilience._clock import SYSTEM_CLOCK, Clock, resolve
 from resilience.errors import RateLimited
 from resilience.limiter.bucket import Decision, Limit
 from resilience.limiter.memory import MemoryBackend, MemoryTable
 
 __all__ = ["Backend", "LimitGroup", "TokenBucket"]
+
+# A module global, read at call time: one C call on the hot path, and freezegun (which
+# patches module attributes bound to time.monotonic) still moves it.
+_monotonic = time.monotonic
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -69,7 +73,10 @@ class _Limiter:
         self._asleep: Callable[[float], Awaitable[None]] = getattr(
             self._clock, "asleep", anyio.sleep
         )
-        self._now = self._clock.monotonic
+        # The system clock is read through a module global (see _monotonic); others as given.
+        self._now: Callable[[], float] | None = (
+            None if self._clock is SYSTEM_CLOCK else self._clock.monotonic
+        )
         # A cost of exactly 1 needs no check when every capacity holds a whole token.
         self._unit_ok = min(limit.capacity for limit in limits) >= 1
         # One in-memory limit: call its table directly (the hot path).
@@ -88,10 +95,11 @@ class _Limiter:
             _bad_key(key)
         if not self._unit_ok or cost != 1 or cost.__class__ is not int:
             cost = self._cost(cost)
+        now = _monotonic() if self._now is None else self._now()
         single = self._single
         if single is not None:
-            return single.decide(key, cost, self._now())
-        decision: Decision = self.backend.decide(self._tables, key, cost, self._now())
+            return single.decide(key, cost, now)
+        decision: Decision = self.backend.decide(self._tables, key, cost, now)
         return decision
 
     async def atry_acquire(self, key: str, cost: float = 1) -> Decision:
@@ -99,10 +107,11 @@ class _Limiter:
             _bad_key(key)
         if not self._unit_ok or cost != 1 or cost.__class__ is not int:
             cost = self._cost(cost)
+        now = _monotonic() if self._now is None else self._now()
         single = self._single
         if single is not None:
-            return single.decide(key, cost, self._now())
-        decision: Decision = await self.backend.adecide(self._tables, key, cost, self._now())
+            return single.decide(key, cost, now)
+        decision: Decision = await self.backend.adecide(self._tables, key, cost, now)
         return decision
 
     def acquire(self, key: str, cost: float = 1, timeout: float | None = None) -> Decision:
@@ -112,7 +121,7 @@ class _Limiter:
         than the time left, it raises at once instead of sleeping in vain.
         """
         limit = _timeout(timeout)
-        deadline = None if limit is None else self._now() + limit
+        deadline = None if limit is None else self._clock.monotonic() + limit
         while True:
             decision = self.try_acquire(key, cost)
             if decision.allowed:
@@ -122,7 +131,7 @@ class _Limiter:
 
     async def aacquire(self, key: str, cost: float = 1, timeout: float | None = None) -> Decision:
         limit = _timeout(timeout)
-        deadline = None if limit is None else self._now() + limit
+        deadline = None if limit is None else self._clock.monotonic() + limit
         while True:
             decision = await self.atry_acquire(key, cost)
             if decision.allowed:
@@ -131,7 +140,7 @@ class _Limiter:
             await self._asleep(decision.retry_after)
 
     def _check_wait(self, decision: Decision, key: str, deadline: float | None) -> None:
-        if deadline is not None and self._now() + decision.retry_after > deadline:
+        if deadline is not None and self._clock.monotonic() + decision.retry_after > deadline:
             raise RateLimited(decision.retry_after, key)
 
     def _items(self, items: Iterable[str | tuple[str, float]]) -> list[tuple[str, float]]:
@@ -147,13 +156,15 @@ class _Limiter:
         """Decide many requests in one round trip (Redis: one pipeline). Each is separate."""
         return cast(
             "list[Decision]",
-            self.backend.decide_many(self._tables, self._items(items), self._now()),
+            self.backend.decide_many(self._tables, self._items(items), self._clock.monotonic()),
         )
 
     async def atry_acquire_many(self, items: Iterable[str | tuple[str, float]]) -> list[Decision]:
         return cast(
             "list[Decision]",
-            await self.backend.adecide_many(self._tables, self._items(items), self._now()),
+            await self.backend.adecide_many(
+                self._tables, self._items(items), self._clock.monotonic()
+            ),
         )
 
     def limit(

@@ -37,8 +37,14 @@ __all__ = ["RedisBackend", "RedisTable"]
 
 log = logging.getLogger("resilience")
 
-SCRIPT: Final = resources.files("resilience.limiter").joinpath("token_bucket.lua").read_text()
-SCRIPT_SHA: Final = hashlib.sha1(SCRIPT.encode()).hexdigest()
+
+def _script(name: str) -> tuple[str, str]:
+    text = resources.files("resilience.limiter").joinpath(name).read_text()
+    return text, hashlib.sha1(text.encode()).hexdigest()
+
+
+SCRIPT, SCRIPT_SHA = _script("token_bucket.lua")  # groups and batches
+ONE, ONE_SHA = _script("token_bucket_one.lua")  # one request, one limit: the hot path
 _ASYNC_CLIENTS = (redis.asyncio.Redis, redis.asyncio.RedisCluster)
 _SYNC_CLIENTS = (redis.Redis, redis.RedisCluster)
 _CLUSTERS = (redis.RedisCluster, redis.asyncio.RedisCluster)
@@ -55,14 +61,24 @@ _Call = tuple[list[str], list[str], list[int]]
 class RedisTable:
     """One limit's buckets in Redis; decisions go through the backend."""
 
-    __slots__ = ("args", "limit", "local", "suffix")
+    __slots__ = ("args", "limit", "local", "per_token_us", "suffix", "unit_arg")
 
     def __init__(self, name: str, limit: Limit, local: MemoryTable) -> None:
         self.limit = limit
         self.suffix = f":{name}"
-        per_token_us = 1e6 / limit.rate
-        self.args = (repr(per_token_us), repr(limit.capacity * per_token_us))
+        self.per_token_us = 1e6 / limit.rate
+        self.args = (repr(self.per_token_us), repr(limit.capacity * self.per_token_us))
+        self.unit_arg = repr(self.per_token_us)  # ARGV[1] of ONE for a cost of 1
         self.local = local
+
+    def one_args(self, cost: float) -> tuple[str, str]:
+        cost_us = self.unit_arg if cost == 1 else repr(cost * self.per_token_us)
+        return cost_us, self.args[1]
+
+    def one_decision(self, reply: int, cost: float) -> Decision:
+        taken = reply >= 0
+        wait = (reply if taken else -reply - 1) / 1e6
+        return from_wait(wait, cost, self.limit.rate, self.limit.capacity, taken)
 
 
 def _budgeted(client: Any, timeout: float) -> Any:
@@ -227,6 +243,13 @@ class RedisBackend:
             self._client.script_load(SCRIPT)
             return self._client.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
 
+    def _eval_one(self, key: str, cost_us: str, fill_us: str) -> Any:
+        try:
+            return self._client.evalsha(ONE_SHA, 1, key, cost_us, fill_us)
+        except NoScriptError:
+            self._client.script_load(ONE)
+            return self._client.evalsha(ONE_SHA, 1, key, cost_us, fill_us)
+
     def _run(
         self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
     ) -> list[Decision]:
@@ -237,6 +260,14 @@ class RedisBackend:
 
     def decide(self, tables: Sequence[RedisTable], key: str, cost: float, now: float) -> Decision:
         self._require(False, "try_acquire")
+        if len(tables) == 1:
+            table = tables[0]
+            reply = self.guard.call(
+                self._eval_one, self._head(key) + table.suffix, *table.one_args(cost)
+            )
+            if reply is UNAVAILABLE:
+                return self._fallback(tables, key, cost, now)
+            return table.one_decision(reply, cost)
         return self._decide(tables, [(key, cost)], now)[0]
 
     def decide_many(
@@ -262,6 +293,13 @@ class RedisBackend:
             await self._client.script_load(SCRIPT)
             return await self._client.evalsha(SCRIPT_SHA, len(keys), *keys, *args)
 
+    async def _aeval_one(self, key: str, cost_us: str, fill_us: str) -> Any:
+        try:
+            return await self._client.evalsha(ONE_SHA, 1, key, cost_us, fill_us)
+        except NoScriptError:
+            await self._client.script_load(ONE)
+            return await self._client.evalsha(ONE_SHA, 1, key, cost_us, fill_us)
+
     async def _arun(
         self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
     ) -> list[Decision]:
@@ -274,6 +312,14 @@ class RedisBackend:
         self, tables: Sequence[RedisTable], key: str, cost: float, now: float
     ) -> Decision:
         self._require(True, "atry_acquire")
+        if len(tables) == 1:
+            table = tables[0]
+            reply = await self.guard.acall(
+                self._aeval_one, self._head(key) + table.suffix, *table.one_args(cost)
+            )
+            if reply is UNAVAILABLE:
+                return self._fallback(tables, key, cost, now)
+            return table.one_decision(reply, cost)
         return (await self._adecide(tables, [(key, cost)], now))[0]
 
     async def adecide_many(
