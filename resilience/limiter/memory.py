@@ -17,6 +17,7 @@ class MemoryTable:
     """The buckets of one limit: key -> full_at. Full buckets are dropped, which is exact."""
 
     __slots__ = (
+        "_cap_eps",
         "_fill",
         "_full_at",
         "_limit_int",
@@ -32,6 +33,7 @@ class MemoryTable:
         self.rate = limit.rate
         self.capacity = limit.capacity
         self._fill = limit.fill_time + EPSILON
+        self._cap_eps = limit.capacity + EPSILON
         self._limit_int = int(limit.capacity)
         self._lock = lock
         self._full_at: dict[str, float] = {}
@@ -42,31 +44,39 @@ class MemoryTable:
 
     def decide(self, key: str, cost: float, now: float) -> Decision:
         # bucket.decide() inlined with this limit's constants: this is the hot path.
-        # tests/test_limiter_memory.py checks that the two always agree.
+        # tests/test_limiter_memory.py checks that the two always agree. Explicit
+        # acquire/release: `with lock` costs ~2.5x as much here.
         table, rate = self._full_at, self.rate
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             full_at = table.get(key)
-            base = now if full_at is None or full_at < now else full_at
+            if full_at is None:
+                base = now
+                if len(table) >= self._next_sweep:  # only new keys grow the table
+                    self._sweep(now)
+            else:
+                base = now if full_at < now else full_at
             after = base + cost / rate
             if after - now <= self._fill:
                 table[key] = after
-                if len(table) > self._next_sweep:
-                    self._sweep(now)
                 return _new_decision(
                     Decision,
                     (
                         True,
-                        int(self.capacity - (after - now) * rate + EPSILON),
+                        int(self._cap_eps - (after - now) * rate),
                         0.0,
                         after - now,
                         self._limit_int,
                     ),
                 )
+        finally:
+            lock.release()
         return _new_decision(
             Decision,
             (
                 False,
-                int(self.capacity - (base - now) * rate + EPSILON),
+                int(self._cap_eps - (base - now) * rate),
                 after - now - self._fill + EPSILON,
                 base - now,
                 self._limit_int,
