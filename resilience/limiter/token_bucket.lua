@@ -16,7 +16,7 @@
 -- full before this request. The client derives every other figure from these.
 
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = t[1] * 1000000 + t[2]
 local L = tonumber(ARGV[1])
 local per, fill = {}, {}
 for j = 1, L do
@@ -30,8 +30,13 @@ for i = 1, n do
   local off = (i - 1) * L
   local ok = 1
   for j = 1, L do
-    local full_at = tonumber(redis.call('GET', KEYS[off + j]))
-    if full_at == nil or full_at < now then
+    local full_at = redis.call('GET', KEYS[off + j])
+    if full_at then
+      full_at = full_at + 0
+      if full_at < now then
+        full_at = now
+      end
+    else
       full_at = now
     end
     base[j] = full_at
