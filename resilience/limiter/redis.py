@@ -45,6 +45,26 @@ def _script(name: str) -> tuple[str, str]:
 
 SCRIPT, SCRIPT_SHA = _script("token_bucket.lua")  # groups and batches
 ONE, ONE_SHA = _script("token_bucket_one.lua")  # one request, one limit: the hot path
+# EVALSHA ONE_SHA 1 <key> <cost_us> <fill_us> as RESP: the constant head, packed once.
+_ONE_HEAD: Final = f"*6\r\n$7\r\nEVALSHA\r\n$40\r\n{ONE_SHA}\r\n$1\r\n1\r\n".encode()
+
+
+def _pack_one(key: str, cost_us: str, fill_us: str) -> list[bytes]:
+    k, c, f = key.encode(), cost_us.encode(), fill_us.encode()
+    return [
+        b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
+        % (
+            _ONE_HEAD,
+            len(k),
+            k,
+            len(c),
+            c,
+            len(f),
+            f,
+        )
+    ]
+
+
 _ASYNC_CLIENTS = (redis.asyncio.Redis, redis.asyncio.RedisCluster)
 _SYNC_CLIENTS = (redis.Redis, redis.RedisCluster)
 _CLUSTERS = (redis.RedisCluster, redis.asyncio.RedisCluster)
@@ -61,7 +81,7 @@ _Call = tuple[list[str], list[str], list[int]]
 class RedisTable:
     """One limit's buckets in Redis; decisions go through the backend."""
 
-    __slots__ = ("args", "limit", "local", "per_token_us", "suffix", "unit_arg")
+    __slots__ = ("args", "fill_arg", "limit", "local", "per_token_us", "suffix", "unit_arg")
 
     def __init__(self, name: str, limit: Limit, local: MemoryTable) -> None:
         self.limit = limit
@@ -69,11 +89,8 @@ class RedisTable:
         self.per_token_us = 1e6 / limit.rate
         self.args = (repr(self.per_token_us), repr(limit.capacity * self.per_token_us))
         self.unit_arg = repr(self.per_token_us)  # ARGV[1] of ONE for a cost of 1
+        self.fill_arg = self.args[1]
         self.local = local
-
-    def one_args(self, cost: float) -> tuple[str, str]:
-        cost_us = self.unit_arg if cost == 1 else repr(cost * self.per_token_us)
-        return cost_us, self.args[1]
 
     def one_decision(self, reply: int, cost: float) -> Decision:
         taken = reply >= 0
@@ -240,13 +257,13 @@ class RedisBackend:
     # generic execute_command path (retry wrapper, hooks) costs ~0.2 of a PING here, and
     # our pool has no retries anyway. Same rules as redis-py: a connection that failed
     # mid-command is disconnected; an error reply leaves it clean; it is always released.
-    def _command(self, *args: Any) -> Any:
+    def _command(self, *args: Any, packed: list[bytes] | None = None) -> Any:
         if self._client is self._user_client:
             return self._client.execute_command(*args)
         pool = self._client.connection_pool
         conn = pool.get_connection()
         try:
-            conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            conn.send_packed_command(packed or conn.pack_command(*args), check_health=False)
             return conn.read_response()
         except ResponseError:
             raise
@@ -256,13 +273,13 @@ class RedisBackend:
         finally:
             pool.release(conn)
 
-    async def _acommand(self, *args: Any) -> Any:
+    async def _acommand(self, *args: Any, packed: list[bytes] | None = None) -> Any:
         if self._client is self._user_client:
             return await self._client.execute_command(*args)
         pool = self._client.connection_pool
         conn = await pool.get_connection()
         try:
-            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            await conn.send_packed_command(packed or conn.pack_command(*args), check_health=False)
             return await conn.read_response()
         except ResponseError:
             raise
@@ -280,11 +297,12 @@ class RedisBackend:
             return self._command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
 
     def _eval_one(self, key: str, cost_us: str, fill_us: str) -> Any:
+        packed = _pack_one(key, cost_us, fill_us)
         try:
-            return self._command("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us)
+            return self._command("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
         except NoScriptError:
             self._client.script_load(ONE)
-            return self._command("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us)
+            return self._command("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
 
     def _run(
         self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
@@ -295,11 +313,13 @@ class RedisBackend:
         return out  # type: ignore[return-value]  # every index is filled by its call
 
     def decide(self, tables: Sequence[RedisTable], key: str, cost: float, now: float) -> Decision:
-        self._require(False, "try_acquire")
+        if self.is_async:
+            self._require(False, "try_acquire")
         if len(tables) == 1:
             table = tables[0]
+            cost_us = table.unit_arg if cost == 1 else repr(cost * table.per_token_us)
             reply = self.guard.call(
-                self._eval_one, self._head(key) + table.suffix, *table.one_args(cost)
+                self._eval_one, self._head(key) + table.suffix, cost_us, table.fill_arg
             )
             if reply is UNAVAILABLE:
                 return self._fallback(tables, key, cost, now)
@@ -330,11 +350,12 @@ class RedisBackend:
             return await self._acommand("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
 
     async def _aeval_one(self, key: str, cost_us: str, fill_us: str) -> Any:
+        packed = _pack_one(key, cost_us, fill_us)
         try:
-            return await self._acommand("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us)
+            return await self._acommand("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
         except NoScriptError:
             await self._client.script_load(ONE)
-            return await self._acommand("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us)
+            return await self._acommand("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
 
     async def _arun(
         self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
@@ -347,11 +368,13 @@ class RedisBackend:
     async def adecide(
         self, tables: Sequence[RedisTable], key: str, cost: float, now: float
     ) -> Decision:
-        self._require(True, "atry_acquire")
+        if not self.is_async:
+            self._require(True, "atry_acquire")
         if len(tables) == 1:
             table = tables[0]
+            cost_us = table.unit_arg if cost == 1 else repr(cost * table.per_token_us)
             reply = await self.guard.acall(
-                self._aeval_one, self._head(key) + table.suffix, *table.one_args(cost)
+                self._aeval_one, self._head(key) + table.suffix, cost_us, table.fill_arg
             )
             if reply is UNAVAILABLE:
                 return self._fallback(tables, key, cost, now)
