@@ -16,26 +16,20 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any, Final
 
-import redis
-import redis.asyncio
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
-from redis.retry import Retry
+from redis.exceptions import NoScriptError
 
 from resilience._events import Listener
+from resilience._redis import CLUSTERS, OUTAGE_ERRORS, Commands, check_client, check_timeout
 from resilience._remote import UNAVAILABLE, BackendStateChanged, OnError, RemoteGuard
 from resilience.breaker import CircuitBreaker
 from resilience.limiter.bucket import Decision, Limit, combine, from_wait
 from resilience.limiter.memory import MemoryBackend, MemoryTable
 
 __all__ = ["RedisBackend", "RedisTable"]
-
-log = logging.getLogger("resilience")
 
 
 def _script(name: str) -> tuple[str, str]:
@@ -65,11 +59,6 @@ def _pack_one(key: str, cost_us: str, fill_us: str) -> list[bytes]:
     ]
 
 
-_ASYNC_CLIENTS = (redis.asyncio.Redis, redis.asyncio.RedisCluster)
-_SYNC_CLIENTS = (redis.Redis, redis.RedisCluster)
-_CLUSTERS = (redis.RedisCluster, redis.asyncio.RedisCluster)
-# Cluster routing errors are not RedisErrors; they follow the outage policy too.
-_OUTAGE_ERRORS: Final = (redis.RedisError, RedisClusterException, OSError)
 _CHUNK: Final = 500  # requests per script call: bounds how long one call holds Redis
 _new_decision = tuple.__new__
 _ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
@@ -98,22 +87,6 @@ class RedisTable:
         return from_wait(wait, cost, self.limit.rate, self.limit.capacity, taken)
 
 
-def _budgeted(client: Any, timeout: float) -> Any:
-    """A client on a pool of its own with ``timeout`` socket timeouts and no retries."""
-    if isinstance(client, _CLUSTERS):
-        log.info("resilience: %s keeps its own timeouts and retries", type(client).__name__)
-        return client
-    pool = client.connection_pool
-    kwargs = dict(pool.connection_kwargs)
-    kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
-    is_async = isinstance(client, _ASYNC_CLIENTS)
-    retry_cls = redis.asyncio.retry.Retry if is_async else Retry
-    kwargs["retry"] = retry_cls(NoBackoff(), 0)
-    new_pool = type(pool)(connection_class=pool.connection_class, **kwargs)
-    cls = redis.asyncio.Redis if is_async else redis.Redis
-    return cls(connection_pool=new_pool)
-
-
 class RedisBackend:
     """Token buckets shared by every process and host that uses the same Redis.
 
@@ -135,25 +108,20 @@ class RedisBackend:
         breaker: CircuitBreaker | None = None,
         listeners: Sequence[Listener[BackendStateChanged]] = (),
     ) -> None:
-        if not isinstance(client, _SYNC_CLIENTS + _ASYNC_CLIENTS):
-            raise TypeError(
-                "client must be a redis.Redis, redis.asyncio.Redis or a RedisCluster, "
-                f"got {type(client).__name__}"
-            )
+        is_async = check_client(client)
         if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must be a non-empty string without braces, got {prefix!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.is_async = isinstance(client, _ASYNC_CLIENTS)
-        self.is_cluster = isinstance(client, _CLUSTERS)
+        budget = check_timeout(timeout)
+        self.is_async = is_async
+        self.is_cluster = isinstance(client, CLUSTERS)
         self.prefix = prefix
         self.on_error = OnError.parse(on_error)
-        self._user_client = client
-        self._client = _budgeted(client, float(timeout))
+        self._commands = Commands(client, budget)
+        self._client = self._commands.client
         self._local = MemoryBackend()
         self.guard = RemoteGuard(
             f"redis:{prefix}",
-            errors=_OUTAGE_ERRORS,
+            errors=OUTAGE_ERRORS,
             on_error=self.on_error,
             breaker=breaker,
             listeners=list(listeners),
@@ -162,13 +130,11 @@ class RedisBackend:
     def close(self) -> None:
         """Disconnect the backend's own connection pool (the client you passed stays open)."""
         self._require(False, "close")
-        if self._client is not self._user_client:
-            self._client.connection_pool.disconnect()
+        self._commands.close()
 
     async def aclose(self) -> None:
         self._require(True, "aclose")
-        if self._client is not self._user_client:
-            await self._client.connection_pool.disconnect()
+        await self._commands.aclose()
 
     def table(self, name: str, limit: Limit) -> RedisTable:
         if "{" in name or "}" in name:
@@ -253,56 +219,20 @@ class RedisBackend:
 
     # -- sync ------------------------------------------------------------------------------
 
-    # On the backend's own pool, commands go straight to a pooled connection: redis-py's
-    # generic execute_command path (retry wrapper, hooks) costs ~0.2 of a PING here, and
-    # our pool has no retries anyway. Same rules as redis-py: a connection that failed
-    # mid-command is disconnected; an error reply leaves it clean; it is always released.
-    def _command(self, *args: Any, packed: list[bytes] | None = None) -> Any:
-        if self._client is self._user_client:
-            return self._client.execute_command(*args)
-        pool = self._client.connection_pool
-        conn = pool.get_connection()
-        try:
-            conn.send_packed_command(packed or conn.pack_command(*args), check_health=False)
-            return conn.read_response()
-        except ResponseError:
-            raise
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
-
-    async def _acommand(self, *args: Any, packed: list[bytes] | None = None) -> Any:
-        if self._client is self._user_client:
-            return await self._client.execute_command(*args)
-        pool = self._client.connection_pool
-        conn = await pool.get_connection()
-        try:
-            await conn.send_packed_command(packed or conn.pack_command(*args), check_health=False)
-            return await conn.read_response()
-        except ResponseError:
-            raise
-        except BaseException:
-            await conn.disconnect()
-            raise
-        finally:
-            await pool.release(conn)
-
     def _eval(self, keys: list[str], args: list[str]) -> Any:
         try:
-            return self._command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+            return self._commands.run("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
         except NoScriptError:
             self._client.script_load(SCRIPT)
-            return self._command("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+            return self._commands.run("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
 
     def _eval_one(self, key: str, cost_us: str, fill_us: str) -> Any:
         packed = _pack_one(key, cost_us, fill_us)
         try:
-            return self._command("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
+            return self._commands.run("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
         except NoScriptError:
             self._client.script_load(ONE)
-            return self._command("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
+            return self._commands.run("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
 
     def _run(
         self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
@@ -344,18 +274,22 @@ class RedisBackend:
 
     async def _aeval(self, keys: list[str], args: list[str]) -> Any:
         try:
-            return await self._acommand("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+            return await self._commands.arun("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
         except NoScriptError:
             await self._client.script_load(SCRIPT)
-            return await self._acommand("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
+            return await self._commands.arun("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
 
     async def _aeval_one(self, key: str, cost_us: str, fill_us: str) -> Any:
         packed = _pack_one(key, cost_us, fill_us)
         try:
-            return await self._acommand("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
+            return await self._commands.arun(
+                "EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed
+            )
         except NoScriptError:
             await self._client.script_load(ONE)
-            return await self._acommand("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
+            return await self._commands.arun(
+                "EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed
+            )
 
     async def _arun(
         self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]

@@ -1,0 +1,114 @@
+"""Redis plumbing shared by the limiter and the cache.
+
+- ``budgeted``: a client on a pool of its own, built from the user's client settings,
+  with the time budget as socket timeouts and no retries (redis-py 8 retries a dead
+  connection 10 times by default). Cluster clients keep their own settings.
+- ``Commands``: send a command straight to a pooled connection of that pool. redis-py's
+  generic ``execute_command`` path (retry wrapper, hooks) costs about a fifth of a PING
+  round trip; our pool has no retries, so it buys nothing. The rules are redis-py's
+  own: a connection that failed mid-command is disconnected, an error reply leaves it
+  clean, and it always goes back to the pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+import redis
+import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, ResponseError
+from redis.retry import Retry
+
+__all__ = ["ASYNC_CLIENTS", "CLUSTERS", "OUTAGE_ERRORS", "SYNC_CLIENTS", "Commands", "budgeted"]
+
+log = logging.getLogger("resilience")
+
+ASYNC_CLIENTS: Final = (redis.asyncio.Redis, redis.asyncio.RedisCluster)
+SYNC_CLIENTS: Final = (redis.Redis, redis.RedisCluster)
+CLUSTERS: Final = (redis.RedisCluster, redis.asyncio.RedisCluster)
+# Cluster routing errors are not RedisErrors; they follow the outage policy too.
+OUTAGE_ERRORS: Final = (redis.RedisError, RedisClusterException, OSError)
+
+
+def check_client(client: object) -> bool:
+    """Validate a client argument; True when it is an asyncio client."""
+    if not isinstance(client, SYNC_CLIENTS + ASYNC_CLIENTS):
+        raise TypeError(
+            "client must be a redis.Redis, redis.asyncio.Redis or a RedisCluster, "
+            f"got {type(client).__name__}"
+        )
+    return isinstance(client, ASYNC_CLIENTS)
+
+
+def check_timeout(timeout: object) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
+def budgeted(client: Any, timeout: float) -> Any:
+    """A client on a pool of its own with ``timeout`` socket timeouts and no retries."""
+    if isinstance(client, CLUSTERS):
+        log.info("resilience: %s keeps its own timeouts and retries", type(client).__name__)
+        return client
+    pool = client.connection_pool
+    kwargs = dict(pool.connection_kwargs)
+    kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+    is_async = isinstance(client, ASYNC_CLIENTS)
+    retry_cls = redis.asyncio.retry.Retry if is_async else Retry
+    kwargs["retry"] = retry_cls(NoBackoff(), 0)
+    new_pool = type(pool)(connection_class=pool.connection_class, **kwargs)
+    cls = redis.asyncio.Redis if is_async else redis.Redis
+    return cls(connection_pool=new_pool)
+
+
+class Commands:
+    """Commands on a budgeted client: straight to its pool unless it is the user's own."""
+
+    __slots__ = ("client", "owned")
+
+    def __init__(self, user_client: Any, timeout: float) -> None:
+        self.client = budgeted(user_client, timeout)
+        self.owned = self.client is not user_client
+
+    def run(self, *args: Any, packed: list[bytes] | None = None) -> Any:
+        if not self.owned:
+            return self.client.execute_command(*args)
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(packed or conn.pack_command(*args), check_health=False)
+            return conn.read_response()
+        except ResponseError:
+            raise
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
+    async def arun(self, *args: Any, packed: list[bytes] | None = None) -> Any:
+        if not self.owned:
+            return await self.client.execute_command(*args)
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(packed or conn.pack_command(*args), check_health=False)
+            return await conn.read_response()
+        except ResponseError:
+            raise
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+
+    def close(self) -> None:
+        if self.owned:
+            self.client.connection_pool.disconnect()
+
+    async def aclose(self) -> None:
+        if self.owned:
+            await self.client.connection_pool.disconnect()

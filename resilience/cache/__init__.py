@@ -1,0 +1,1 @@
+"""Two-tier cache-aside: local tier, Redis tier, serializers, keys."""

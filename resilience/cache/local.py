@@ -1,0 +1,125 @@
+"""The in-process tier: bounded (LRU), expiring, thread- and task-safe.
+
+It also guards against a race every two-tier cache has: a fill that read the remote
+tier before an invalidation of the same key arrived must not land afterwards, or the
+old value would be served until it expires. A fill takes a ticket before it reads;
+an invalidation records its sequence number; a fill whose key was invalidated after
+its ticket is dropped. Invalidations are remembered in a bounded table; when a key's
+record has been pushed out, fills older than the oldest record are dropped too, so
+the check errs towards a miss, never towards a stale hit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any
+
+from resilience._clock import Clock, resolve
+from resilience.cache.policy import MISSING, Entry
+
+__all__ = ["LocalCache"]
+
+_RECENT_INVALIDATIONS = 4096
+
+
+class LocalCache:
+    """Up to ``max_entries`` values for at most ``ttl`` seconds each, least recently used
+    out first. In a TwoTierCache, ``ttl`` caps how stale this tier can be when an
+    invalidation message is lost.
+    """
+
+    def __init__(self, max_entries: int = 10_000, ttl: float = 30.0, *, clock: Clock | None = None):
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be an int >= 1, got {max_entries!r}")
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+            raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        self.max_entries = max_entries
+        self.ttl = float(ttl)
+        self._clock = resolve(clock)
+        self._lock = threading.Lock()
+        self._data: OrderedDict[Hashable, Entry] = OrderedDict()
+        self._seq = 0
+        self._invalidated: OrderedDict[Hashable, int] = OrderedDict()
+        self._forgotten_before = 0  # fills with older tickets are dropped (see invalidate)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def get_entry(self, key: Hashable, now: float) -> Entry | None:
+        """The entry if present and not past its local lifetime, refreshing its LRU place."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            entry = self._data.get(key)
+            if entry is None:
+                return None
+            if entry.fresh_until <= now:
+                del self._data[key]
+                return None
+            self._data.move_to_end(key)
+            return entry
+        finally:
+            lock.release()
+
+    def get(self, key: Hashable) -> Any:
+        """The value, or ``MISSING``."""
+        entry = self.get_entry(key, self._clock.monotonic())
+        return MISSING if entry is None else entry.value
+
+    def ticket(self) -> int:
+        """Take before reading the source of a fill; pass to :meth:`fill`."""
+        return self._seq
+
+    def fill(self, key: Hashable, entry: Entry, ticket: int | None = None) -> bool:
+        """Store ``entry`` unless ``key`` was invalidated after ``ticket``. True if stored."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            # Dropped when an invalidation numbered after the ticket touched this key.
+            if ticket is not None and (
+                ticket < self._forgotten_before or self._invalidated.get(key, -1) > ticket
+            ):
+                return False
+            data = self._data
+            data[key] = entry
+            data.move_to_end(key)
+            if len(data) > self.max_entries:
+                data.popitem(last=False)
+            return True
+        finally:
+            lock.release()
+
+    def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
+        """Store ``value`` for ``ttl`` seconds, capped by this tier's ``ttl``."""
+        life = self.ttl if ttl is None else min(ttl, self.ttl)
+        self.fill(key, Entry(value, self._clock.monotonic() + life, 0.0))
+
+    def invalidate(self, key: Hashable) -> None:
+        """Drop ``key`` and stop fills that started before now from landing."""
+        with self._lock:
+            self._data.pop(key, None)
+            self._seq += 1
+            recent = self._invalidated
+            recent[key] = self._seq
+            recent.move_to_end(key)
+            if len(recent) > _RECENT_INVALIDATIONS:
+                # Which key it was is forgotten: drop every fill that started before it.
+                _, seq = recent.popitem(last=False)
+                self._forgotten_before = seq
+
+    def delete(self, key: Hashable) -> None:
+        self.invalidate(key)
+
+    def clear(self) -> None:
+        """Drop everything; fills in progress are dropped too."""
+        with self._lock:
+            self._data.clear()
+            self._seq += 1
+            self._invalidated.clear()
+            self._forgotten_before = self._seq
