@@ -43,6 +43,8 @@ class LocalCache:
         self._seq = 0
         self._invalidated: OrderedDict[Hashable, int] = OrderedDict()
         self._forgotten_before = 0  # fills with older tickets are dropped (see invalidate)
+        self._aliases: dict[Hashable, Hashable] = {}  # alias -> key
+        self._alias_of: dict[Hashable, Hashable] = {}  # key -> alias
 
     def __len__(self) -> int:
         return len(self._data)
@@ -52,15 +54,15 @@ class LocalCache:
         return self._clock
 
     def get_entry(self, key: Hashable, now: float) -> Entry | None:
-        """The entry if present and not past its local lifetime, refreshing its LRU place."""
+        """The entry if still kept, refreshing its LRU place; freshness is the caller's call."""
         lock = self._lock
         lock.acquire()
         try:
             entry = self._data.get(key)
             if entry is None:
                 return None
-            if entry.fresh_until <= now:
-                del self._data[key]
+            if (entry.keep_until or entry.fresh_until) <= now:
+                self._drop(key)
                 return None
             self._data.move_to_end(key)
             return entry
@@ -68,47 +70,74 @@ class LocalCache:
             lock.release()
 
     def get(self, key: Hashable) -> Any:
-        """The value, or ``MISSING``."""
-        entry = self.get_entry(key, self._clock.monotonic())
-        return MISSING if entry is None else entry.value
+        """The fresh value, or ``MISSING``."""
+        now = self._clock.monotonic()
+        entry = self.get_entry(key, now)
+        return MISSING if entry is None or entry.fresh_until <= now else entry.value
 
     def ticket(self) -> int:
         """Take before reading the source of a fill; pass to :meth:`fill`."""
         return self._seq
 
-    def fill(self, key: Hashable, entry: Entry, ticket: int | None = None) -> bool:
-        """Store ``entry`` unless ``key`` was invalidated after ``ticket``. True if stored."""
+    def fill(
+        self,
+        key: Hashable,
+        entry: Entry,
+        ticket: int | None = None,
+        alias: Hashable | None = None,
+    ) -> bool:
+        """Store ``entry`` unless ``key`` (or ``alias``) was invalidated after ``ticket``.
+
+        ``alias`` is another name invalidations may use for this key (the Redis key of a
+        decorated call whose local key is a tuple). Returns True if stored.
+        """
         lock = self._lock
         lock.acquire()
         try:
-            # Dropped when an invalidation numbered after the ticket touched this key.
-            if ticket is not None and (
-                ticket < self._forgotten_before or self._invalidated.get(key, -1) > ticket
-            ):
-                return False
+            if ticket is not None:
+                # Dropped when an invalidation numbered after the ticket touched this key.
+                recent = self._invalidated
+                if (
+                    ticket < self._forgotten_before
+                    or recent.get(key, -1) > ticket
+                    or (alias is not None and recent.get(alias, -1) > ticket)
+                ):
+                    return False
             data = self._data
             data[key] = entry
             data.move_to_end(key)
+            if alias is not None and alias != key:
+                self._aliases[alias] = key
+                self._alias_of[key] = alias
             if len(data) > self.max_entries:
-                data.popitem(last=False)
+                self._drop(next(iter(data)))
             return True
         finally:
             lock.release()
 
+    def _drop(self, key: Hashable) -> None:
+        self._data.pop(key, None)
+        alias = self._alias_of.pop(key, None)
+        if alias is not None:
+            self._aliases.pop(alias, None)
+
     def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
         """Store ``value`` for ``ttl`` seconds, capped by this tier's ``ttl``."""
         life = self.ttl if ttl is None else min(ttl, self.ttl)
+        self.invalidate(key)  # fills that started earlier must not overwrite this value
         self.fill(key, Entry(value, self._clock.monotonic() + life, 0.0))
 
     def invalidate(self, key: Hashable) -> None:
-        """Drop ``key`` and stop fills that started before now from landing."""
+        """Drop ``key`` (a key or an alias) and stop fills that started before now."""
         with self._lock:
-            self._data.pop(key, None)
+            target = self._aliases.get(key, key)
+            self._drop(target)
             self._seq += 1
             recent = self._invalidated
-            recent[key] = self._seq
-            recent.move_to_end(key)
-            if len(recent) > _RECENT_INVALIDATIONS:
+            for name in {key, target}:
+                recent[name] = self._seq
+                recent.move_to_end(name)
+            while len(recent) > _RECENT_INVALIDATIONS:
                 # Which key it was is forgotten: drop every fill that started before it.
                 _, seq = recent.popitem(last=False)
                 self._forgotten_before = seq
@@ -120,6 +149,8 @@ class LocalCache:
         """Drop everything; fills in progress are dropped too."""
         with self._lock:
             self._data.clear()
+            self._aliases.clear()
+            self._alias_of.clear()
             self._seq += 1
             self._invalidated.clear()
             self._forgotten_before = self._seq

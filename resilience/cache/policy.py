@@ -32,6 +32,8 @@ class Entry(NamedTuple):
     fresh_until: float
     #: Seconds the value took to load: XFetch refreshes slow values earlier.
     delta: float
+    #: Time until which the entry is kept at all (for stale serving); 0 means fresh_until.
+    keep_until: float = 0.0
 
 
 class Freshness(enum.Enum):
