@@ -134,9 +134,52 @@ def run_limiter_demo(out: list[str] | None = None) -> Counter[str]:
     return tally
 
 
+def run_cache_demo(out: list[str] | None = None) -> Counter[str]:
+    """Fifty callers miss one cold key at once; the slow loader runs once."""
+    tally: Counter[str] = Counter()
+
+    def say(text: str) -> None:
+        print(f"  {text}", flush=True)
+        if out is not None:
+            out.append(text)
+
+    print("\n== Two-tier cache: 50 threads miss one cold key at the same moment")
+    cache = rs.TwoTierCache(rs.LocalCache(max_entries=1000, ttl=30.0), None, ttl=60.0)
+    lock = threading.Lock()
+
+    def load_report() -> dict[str, int]:
+        with lock:
+            tally["loader calls"] += 1
+        time.sleep(0.2)  # a slow query
+        return {"orders": 1234}
+
+    gate = threading.Barrier(50)
+    results: list[dict[str, int]] = []
+
+    def caller() -> None:
+        gate.wait()
+        results.append(cache.get_or_load("report:today", load_report))
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=caller) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.monotonic() - start
+    tally["callers served"] = len(results)
+    say(
+        f"50 callers got {results[0]} in {took * 1000:.0f} ms; "
+        f"the loader ran {tally['loader calls']} time(s)"
+    )
+    say(f"the next call is a local hit: {cache.get('report:today')}")
+    return tally
+
+
 def main() -> int:
     tally = run_breaker_demo()
     tally.update(run_limiter_demo())
+    tally.update(run_cache_demo())
     print("\n== Summary")
     width = max(len(k) for k in tally)
     for key, value in sorted(tally.items()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from resilience._demo import run_breaker_demo, run_limiter_demo
+from resilience._demo import run_breaker_demo, run_cache_demo, run_limiter_demo
 
 
 def test_breaker_demo_shows_trip_rejections_and_one_probe() -> None:
@@ -37,3 +37,9 @@ def test_limiter_demo_denies_past_the_burst_and_waits_exactly() -> None:
     assert tally["allowed"] + tally["denied"] == 30
     assert 20 <= tally["allowed"] <= 21
     assert tally["waited"] == 1
+
+
+def test_cache_demo_loads_the_cold_key_once() -> None:
+    tally = run_cache_demo()
+    assert tally["loader calls"] == 1
+    assert tally["callers served"] == 50
