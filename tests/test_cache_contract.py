@@ -276,3 +276,26 @@ async def test_decorator_keys_by_bound_arguments(make: Callable[..., Harness]) -
         ]
     assert results == ["1/en", "1/en", "1/en", "1.0/en", "1/en"]
     assert calls == [(1, "en"), (1.0, "en"), ("1", "en")]
+
+
+async def test_the_wrong_flavour_of_call_names_the_right_one(make: Callable[..., Harness]) -> None:
+    h = make()
+    cache = h.cache
+    if cache.remote is None:
+        cache.get("k")  # local-only caches take both flavours
+        await cache.aget("k")
+        return
+    if h.is_async:
+        with pytest.raises(TypeError, match=r"get\(\) cannot use .*redis.asyncio.*call aget\(\)"):
+            cache.get("k")
+        with pytest.raises(TypeError, match="a sync function"):
+            cache.cached()(lambda: 1)
+    else:
+        with pytest.raises(TypeError, match=r"aget\(\) cannot use .*sync redis.*call get\(\)"):
+            await cache.aget("k")
+
+        async def coro() -> int:
+            return 1
+
+        with pytest.raises(TypeError, match="an async function"):
+            cache.cached()(coro)

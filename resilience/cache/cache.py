@@ -145,13 +145,26 @@ class TwoTierCache:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def _kind(self, want_async: bool, method: str) -> None:
+        """Sync methods need a sync Redis client, async ones an asyncio client."""
+        remote = self.remote
+        if remote is not None and remote.is_async != want_async:
+            kind = "redis.asyncio" if remote.is_async else "sync redis"
+            other = "a" + method if not want_async else method[1:]
+            raise TypeError(f"{method}() cannot use this cache's {kind} client; call {other}()")
+
     def close(self) -> None:
+        """Stop listening for invalidations and close the Redis tier's own connections."""
+        self._kind(False, "close")
         if self.remote is not None:
             self.remote.close()
 
     async def aclose(self) -> None:
         if self.remote is not None:
-            await self.remote.aclose()
+            if self.remote.is_async:
+                await self.remote.aclose()
+            else:
+                self.remote.close()
 
     def __enter__(self) -> TwoTierCache:
         return self
@@ -438,6 +451,7 @@ class TwoTierCache:
 
     def get_or_load(self, key: str, loader: Callable[[], R], *, ttl: float | None = None) -> R:
         """The value for ``key``; on a miss, ``loader()`` runs once for all concurrent callers."""
+        self._kind(False, "get_or_load")
         key = _check_key(key)
         if not callable(loader):
             raise TypeError(f"loader must be callable, got {type(loader).__name__}")
@@ -446,6 +460,7 @@ class TwoTierCache:
     async def aget_or_load(
         self, key: str, loader: Callable[[], Awaitable[R]], *, ttl: float | None = None
     ) -> R:
+        self._kind(True, "aget_or_load")
         key = _check_key(key)
         if not callable(loader):
             raise TypeError(f"loader must be callable, got {type(loader).__name__}")
@@ -455,6 +470,7 @@ class TwoTierCache:
 
     def get(self, key: str, default: Any = None) -> Any:
         """The cached value, or ``default``; never loads."""
+        self._kind(False, "get")
         key = _check_key(key)
         value, _ = self._local_hit(key)
         if value is not MISSING or self.remote is None:
@@ -464,6 +480,7 @@ class TwoTierCache:
         return self._after_remote_get(key, entry, ticket, default)
 
     async def aget(self, key: str, default: Any = None) -> Any:
+        self._kind(True, "aget")
         key = _check_key(key)
         value, _ = self._local_hit(key)
         if value is not MISSING or self.remote is None:
@@ -495,12 +512,14 @@ class TwoTierCache:
 
     def set(self, key: str, value: Any, *, ttl: float | None = None) -> None:
         """Store ``value`` in both tiers and evict it from other instances' local tiers."""
+        self._kind(False, "set")
         key = _check_key(key)
         blob, px = self._prepare_set(key, value, _check_ttl(ttl))
         if self.remote is not None and blob is not None:
             self.remote.guard.call(self.remote.write, key, blob, px)
 
     async def aset(self, key: str, value: Any, *, ttl: float | None = None) -> None:
+        self._kind(True, "aset")
         key = _check_key(key)
         blob, px = self._prepare_set(key, value, _check_ttl(ttl))
         if self.remote is not None and blob is not None:
@@ -508,12 +527,14 @@ class TwoTierCache:
 
     def delete(self, key: str) -> None:
         """Remove ``key`` from both tiers and from other instances' local tiers."""
+        self._kind(False, "delete")
         key = _check_key(key)
         self.local.invalidate(key)
         if self.remote is not None:
             self.remote.guard.call(self.remote.write, key, b"", 0)
 
     async def adelete(self, key: str) -> None:
+        self._kind(True, "adelete")
         key = _check_key(key)
         self.local.invalidate(key)
         if self.remote is not None:
@@ -545,7 +566,15 @@ class TwoTierCache:
             remote_key = builder.remote
             get_entry, mono = self.local.get_entry, self._mono
 
-            if inspect.iscoroutinefunction(fn):
+            is_async = inspect.iscoroutinefunction(fn)
+            remote = self.remote
+            if remote is not None and remote.is_async != is_async:
+                raise TypeError(
+                    f"cached: {'an async' if is_async else 'a sync'} function needs a cache "
+                    f"whose RedisCache has {'a redis.asyncio' if is_async else 'a sync redis'} "
+                    "client (a blocking call on an event loop, or an await without one)"
+                )
+            if is_async:
                 afn = cast(Callable[..., Awaitable[Any]], fn)
 
                 @functools.wraps(fn)

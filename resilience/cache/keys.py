@@ -295,7 +295,7 @@ class KeyBuilder:
         if self._positional:
             for given in range(self._skip, len(params) + 1):
                 rest = self._defaults[given - self._skip :]
-                if _MISSING not in rest and all(map(_immutable, rest)):
+                if all(map(_immutable, rest)):  # _MISSING (no default) is not
                     self._tails[given] = _norm_seq(rest, "")
             self._index = {
                 p.name: i for i, p in enumerate(kept) if p.kind is p.POSITIONAL_OR_KEYWORD
@@ -317,17 +317,17 @@ class KeyBuilder:
             if n == 1:
                 t0 = type(given[0])
                 if t0 not in _IDENTITY_TYPES:
-                    return self._norm_call(args, kwargs)
+                    return self._norm_values(given + self._defaults[1:])
                 types: tuple[type, ...] = (t0,)
             elif n == 2:
                 t0, t1 = type(given[0]), type(given[1])
                 if t0 not in _IDENTITY_TYPES or t1 not in _IDENTITY_TYPES:
-                    return self._norm_call(args, kwargs)
+                    return self._norm_values(given + self._defaults[2:])
                 types = (t0, t1)
             else:
                 types = tuple(map(type, given))
                 if not _IDENTITY_TYPES.issuperset(types):
-                    return self._norm_call(args, kwargs)
+                    return self._norm_values(given + self._defaults[n:])
             if tail[0]:
                 return self._prefix, types + tail[0], given + tail[1]
             return self._prefix, types, given
@@ -358,13 +358,21 @@ class KeyBuilder:
 
     def _norm_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> LocalKey:
         """The local key the long way: bind, apply defaults, normalise every value."""
-        types: list[type] = []
-        values: list[object] = []
-        for name, value in zip(self._names, self._bind_call(args, kwargs)):
-            t, v = _norm(value, name)
-            types.append(t)
-            values.append(v)
-        return self._prefix, tuple(types), tuple(values)
+        values = self._bind_call(args, kwargs)
+        types = tuple(map(type, values))
+        if _IDENTITY_TYPES.issuperset(types):
+            return self._prefix, types, values
+        return self._norm_values(values)
+
+    def _norm_values(self, values: tuple[Any, ...]) -> LocalKey:
+        names = self._names
+        norm_types: list[type] = []
+        norm_values: list[object] = []
+        for i, value in enumerate(values):
+            t, v = _norm(value, names[i])
+            norm_types.append(t)
+            norm_values.append(v)
+        return self._prefix, tuple(norm_types), tuple(norm_values)
 
     def _bind_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
         """The call's value for every kept parameter, defaults applied."""
@@ -377,7 +385,7 @@ class KeyBuilder:
         arguments = self._bind(*args, **kwargs).arguments
         return tuple(
             default if (value := arguments.get(name, _MISSING)) is _MISSING else value
-            for name, default in zip(self._names, self._defaults)
+            for name, default in zip(self._names, self._defaults, strict=True)
         )
 
     def _bind_positional(
@@ -394,8 +402,9 @@ class KeyBuilder:
             if i is None or i < len(args) - skip:
                 return None  # unknown, positional-only or given twice
             values[i] = value
-        if _MISSING in values:
-            return None  # a required argument is missing
+        for value in values:  # by identity: `in` would call the arguments' __eq__
+            if value is _MISSING:
+                return None  # a required argument is missing
         return tuple(values)
 
     def __repr__(self) -> str:
