@@ -561,10 +561,6 @@ class TwoTierCache:
             raise TypeError(f"key must be a callable returning a str, got {key!r}")
 
         def decorate(fn: Callable[P, R]) -> Callable[P, R]:
-            builder = KeyBuilder(fn, version=version, namespace=namespace)
-            local_key = builder.local
-            remote_key = builder.remote
-            get_entry, mono = self.local.get_entry, self._mono
 
             is_async = inspect.iscoroutinefunction(fn)
             remote = self.remote
@@ -574,6 +570,10 @@ class TwoTierCache:
                     f"whose RedisCache has {'a redis.asyncio' if is_async else 'a sync redis'} "
                     "client (a blocking call on an event loop, or an await without one)"
                 )
+            builder = KeyBuilder(fn, version=version, namespace=namespace)
+            local_key = builder.local
+            remote_key = builder.remote
+            get_entry, mono = self.local.get_entry, self._mono
             if is_async:
                 afn = cast(Callable[..., Awaitable[Any]], fn)
 
