@@ -410,8 +410,12 @@ class MsgpackSerializer:
         except RecursionError:
             raise ValueError("cannot serialize a circular or too deeply nested value") from None
         except ValueError as exc:
-            # msgpack reports its own nesting limit as ValueError.
-            raise ValueError(f"cannot serialize to MessagePack: {exc}") from exc
+            if "recursion" not in str(exc):
+                raise
+            # msgpack's own nesting limit (512 levels), which is what a cycle reaches.
+            raise ValueError(
+                "cannot serialize a circular or too deeply nested value to MessagePack"
+            ) from exc
 
     def loads(self, data: bytes) -> Any:
         payload = _payload(data, _MSGPACK_TAG, 1)
