@@ -1,0 +1,289 @@
+"""ResponseCacheMiddleware: a shared HTTP cache (RFC 9111) over a TwoTierCache.
+
+What it never does, because each of these leaked one user's data to another in a peer
+library or a framework:
+
+- store a response that sets a cookie, or is ``Cache-Control: private`` / ``no-store``,
+  or has ``Vary: *``;
+- store or serve for a request with ``Authorization`` or cookies, unless its route opts in;
+- ignore ``Vary`` (the key includes every request header the response varies on);
+- answer ``304`` for a different URL (an ETag is only compared with the entry of the
+  same URL and variant);
+- let a client's request headers set how long the server keeps a response.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, Final
+
+from resilience.cache import TwoTierCache
+
+__all__ = ["ResponseCacheMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Statuses a shared cache may store by default (RFC 9110 section 15.1, heuristically cacheable).
+CACHEABLE: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+# Never stored or replayed: they describe one connection, or one moment.
+_HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"age",
+        b"date",
+    }
+)
+_MAX_AGE = re.compile(r"(?:^|,)\s*(s-maxage|max-age)\s*=\s*\"?(\d+)\"?", re.I)
+
+
+def _headers(scope_or_message: MutableMapping[str, Any]) -> list[tuple[bytes, bytes]]:
+    return [(bytes(k).lower(), bytes(v)) for k, v in scope_or_message.get("headers", ())]
+
+
+def _get(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    values = [v for k, v in headers if k == name]
+    return b", ".join(values) if values else None
+
+
+def _directives(value: bytes | None) -> set[str]:
+    if not value:
+        return set()
+    return {part.split("=", 1)[0].strip().lower() for part in value.decode("latin-1").split(",")}
+
+
+def _lifetime(cache_control: bytes | None, default: float) -> float | None:
+    """Seconds to keep a response: s-maxage, else max-age, else ``default``; None: never."""
+    if cache_control is None:
+        return default
+    found = {
+        m.group(1).lower(): int(m.group(2))
+        for m in _MAX_AGE.finditer(cache_control.decode("latin-1"))
+    }
+    seconds = found.get("s-maxage", found.get("max-age"))
+    if seconds is None:
+        return default
+    return float(seconds) if seconds > 0 else None
+
+
+def _etag(body: bytes) -> bytes:
+    return b'"' + hashlib.sha256(body).hexdigest()[:32].encode() + b'"'
+
+
+def _matches(if_none_match: bytes | None, etag: str) -> bool:
+    if if_none_match is None:
+        return False
+    tags = [t.strip() for t in if_none_match.decode("latin-1").split(",")]
+    # Weak comparison (RFC 9110 13.1.2): W/"x" matches "x".
+    return "*" in tags or etag in (t[2:] if t.startswith("W/") else t for t in tags)
+
+
+class ResponseCacheMiddleware:
+    """Cache GET responses in ``cache`` for ``ttl`` seconds (or the response's s-maxage /
+    max-age). Bodies up to ``max_body`` bytes are stored; larger and streamed bodies
+    pass through untouched, chunk by chunk. ``allow_credentials`` lists path regexes
+    whose requests may be cached even with ``Authorization`` or cookies (the key then
+    includes those headers). The cache must be local-only or use a redis.asyncio client.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        cache: TwoTierCache,
+        ttl: float = 60.0,
+        *,
+        max_body: int = 1 << 20,
+        allow_credentials: Iterable[str] = (),
+        statuses: Iterable[int] = CACHEABLE,
+        prefix: str = "http",
+    ) -> None:
+        if not isinstance(cache, TwoTierCache):
+            raise TypeError(f"cache must be a TwoTierCache, got {type(cache).__name__}")
+        if cache.remote is not None and not cache.remote.is_async:
+            raise ValueError(
+                "cache: middleware runs on the event loop, so the cache's RedisCache needs "
+                "a redis.asyncio client (a sync client would block every request)"
+            )
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
+            raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
+            raise ValueError(f"max_body must be an int >= 0, got {max_body!r}")
+        self.app = app
+        self.cache = cache
+        self.ttl = float(ttl)
+        self.max_body = max_body
+        self.statuses = frozenset(statuses)
+        self.prefix = prefix
+        self._credentialed = [re.compile(p) for p in allow_credentials]
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def _url(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> str:
+        host = (_get(headers, b"host") or b"").decode("latin-1").lower()
+        query = scope.get("query_string", b"").decode("latin-1")
+        raw = f"{scope.get('scheme', 'http')}://{host}{scope.get('path', '')}?{query}"
+        return f"{self.prefix}:{hashlib.sha256(raw.encode()).hexdigest()}"
+
+    @staticmethod
+    def _variant(url_key: str, vary: list[str], headers: list[tuple[bytes, bytes]]) -> str:
+        parts = [url_key]
+        for name in vary:
+            value = _get(headers, name.encode("latin-1")) or b""
+            parts.append(f"{name}={value.decode('latin-1')}")
+        return url_key + ":" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+    # -- the request -----------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope.get("method")
+        if scope["type"] != "http" or method not in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        credentialed = _get(headers, b"authorization") is not None or (
+            _get(headers, b"cookie") is not None
+        )
+        if credentialed and not any(p.fullmatch(scope.get("path", "")) for p in self._credentialed):
+            await self.app(scope, receive, send)  # someone's own data: never shared
+            return
+        url_key = self._url(scope, headers)
+        vary = await self.cache.aget(url_key + ":vary")
+        forced = ["authorization", "cookie"] if credentialed else []
+        if vary is not None:
+            stored = await self.cache.aget(self._variant(url_key, [*forced, *vary], headers))
+            if stored is not None:
+                await self._replay(stored, method == "HEAD", headers, send)
+                return
+        if method == "HEAD":
+            await self.app(scope, receive, send)
+            return
+        await self._fetch(scope, receive, send, url_key, headers, forced)
+
+    async def _replay(
+        self,
+        stored: dict[str, Any],
+        head: bool,
+        request_headers: list[tuple[bytes, bytes]],
+        send: Send,
+    ) -> None:
+        age = max(0, int(time.time() - stored["t"]))
+        etag: str = stored["e"]
+        out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in stored["h"]]
+        out.append((b"age", str(age).encode()))
+        if _matches(_get(request_headers, b"if-none-match"), etag):
+            keep = {b"etag", b"cache-control", b"vary", b"expires", b"content-location", b"age"}
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 304,
+                    "headers": [(k, v) for k, v in out if k in keep],
+                }
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": stored["s"], "headers": out})
+        await send({"type": "http.response.body", "body": b"" if head else stored["b"]})
+
+    async def _fetch(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        url_key: str,
+        request_headers: list[tuple[bytes, bytes]],
+        forced: list[str],
+    ) -> None:
+        start: Message | None = None
+        keep: float | None = None  # seconds to keep this response; None: not cacheable
+        vary: list[str] = []
+        body: list[bytes] = []
+        size = 0
+        started = False
+
+        async def capture(message: Message) -> None:
+            nonlocal start, keep, vary, size, started
+            if message["type"] == "http.response.start":
+                start = message
+                keep, vary = self._cacheable(message)
+                return  # held until the first body chunk: a one-chunk body gets an ETag
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            chunk = bytes(message.get("body", b""))
+            more = bool(message.get("more_body", False))
+            if keep is not None:
+                size += len(chunk)
+                if size > self.max_body:
+                    keep, body[:] = None, []  # too big to store: stream it on
+                else:
+                    body.append(chunk)
+            if not started:
+                started = True
+                assert start is not None
+                headers = list(start.get("headers", ()))
+                if keep is not None and not more and _get(_headers(start), b"etag") is None:
+                    headers.append((b"etag", _etag(chunk)))
+                await send({**start, "headers": headers})
+            await send(message)
+
+        await self.app(scope, receive, capture)
+        if start is None or keep is None:
+            return
+        content = b"".join(body)
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in _headers(start)
+            if k not in _HOP_BY_HOP
+        ]
+        etag = _get(_headers(start), b"etag")
+        if etag is None:
+            etag = _etag(content)
+            headers.append(("etag", etag.decode()))
+        entry = {
+            "s": start["status"],
+            "h": headers,
+            "b": content,
+            "t": time.time(),
+            "e": etag.decode("latin-1"),
+        }
+        await self.cache.aset(url_key + ":vary", vary, ttl=keep)
+        await self.cache.aset(
+            self._variant(url_key, [*forced, *vary], request_headers), entry, ttl=keep
+        )
+
+    def _cacheable(self, start: Message) -> tuple[float | None, list[str]]:
+        """(seconds to keep, varied request headers), or (None, []) when not storable."""
+        if start.get("status") not in self.statuses:
+            return None, []
+        headers = _headers(start)
+        if _get(headers, b"set-cookie") is not None:
+            return None, []
+        cache_control = _get(headers, b"cache-control")
+        directives = _directives(cache_control)
+        if directives & {"private", "no-store", "no-cache"}:
+            return None, []
+        vary_value = _get(headers, b"vary")
+        vary = sorted(
+            {
+                v.strip().lower()
+                for v in (vary_value or b"").decode("latin-1").split(",")
+                if v.strip()
+            }
+        )
+        if "*" in vary:
+            return None, []
+        seconds = _lifetime(cache_control, self.ttl)
+        return (None, []) if seconds is None else (seconds, vary)

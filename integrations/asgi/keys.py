@@ -1,0 +1,198 @@
+"""Key functions: who (or what) a request counts against.
+
+A key function takes the ASGI ``scope`` and returns a string, or None for "no key"
+(the request is then not limited). Every value is length-capped and normalised, so a
+client cannot mint unbounded keys.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, MutableMapping
+from typing import Any, Final
+
+__all__ = ["KeyFunc", "client_ip", "first", "header", "join", "path_template"]
+
+Scope = MutableMapping[str, Any]
+KeyFunc = Callable[[Scope], "str | None"]
+
+MAX_KEY: Final = 128  # characters of any single key part
+
+
+def _cap(value: str) -> str:
+    return value[:MAX_KEY]
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _all_headers(scope: Scope, name: bytes) -> list[bytes]:
+    return [bytes(v) for k, v in scope.get("headers", ()) if k == name]
+
+
+def _ip(text: str, v6_prefix: int | None) -> str | None:
+    """A normalised address, or None when ``text`` is not one."""
+    text = text.strip().strip('"')
+    if text.startswith("[") and "]" in text:  # [v6]:port
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # v4:port
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        if v6_prefix is not None:  # one client often owns a whole /64
+            return str(ipaddress.ip_network(f"{address}/{v6_prefix}", strict=False))
+    return str(address)
+
+
+def _forwarded_for(scope: Scope) -> list[str]:
+    """Addresses from X-Forwarded-For, or else from Forwarded, leftmost first."""
+    hops: list[str] = []
+    for raw in _all_headers(scope, b"x-forwarded-for"):
+        hops.extend(part.strip() for part in raw.decode("latin-1").split(","))
+    if hops:
+        return hops
+    for raw in _all_headers(scope, b"forwarded"):
+        for element in raw.decode("latin-1").split(","):
+            for pair in element.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if name.lower() == "for":
+                    hops.append(value)
+    return hops
+
+
+def client_ip(
+    trusted_proxies: Iterable[str] = (),
+    *,
+    trusted_hops: int = 0,
+    ipv6_prefix: int | None = 64,
+) -> KeyFunc:
+    """The client's address, reading ``X-Forwarded-For`` / ``Forwarded`` only from proxies
+    you trust.
+
+    With ``trusted_proxies`` (addresses or networks), the chain is walked right to left
+    from the socket peer, skipping trusted proxies; the first untrusted address is the
+    client. With ``trusted_hops=N``, the Nth address from the right is taken (N proxies
+    you control). Headers from an untrusted peer are ignored: the peer itself is the
+    client. IPv6 clients are keyed by their ``/ipv6_prefix`` network (None: full address).
+    """
+    networks = []
+    for proxy in trusted_proxies:
+        try:
+            networks.append(ipaddress.ip_network(proxy, strict=False))
+        except ValueError:
+            raise ValueError(f"trusted_proxies: {proxy!r} is not an address or network") from None
+    if isinstance(trusted_hops, bool) or not isinstance(trusted_hops, int) or trusted_hops < 0:
+        raise ValueError(f"trusted_hops must be an int >= 0, got {trusted_hops!r}")
+    if networks and trusted_hops:
+        raise ValueError("pass trusted_proxies or trusted_hops, not both")
+    if ipv6_prefix is not None and not (isinstance(ipv6_prefix, int) and 1 <= ipv6_prefix <= 128):
+        raise ValueError(f"ipv6_prefix must be None or 1..128, got {ipv6_prefix!r}")
+
+    def trusted(address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in networks)
+
+    def key(scope: Scope) -> str | None:
+        peer = scope.get("client")
+        peer_ip = peer[0] if peer else None
+        if trusted_hops:
+            hops = _forwarded_for(scope)
+            if peer_ip is not None:
+                hops.append(peer_ip)
+            # The last trusted_hops entries are our proxies; the one before is the client.
+            if len(hops) > trusted_hops:
+                return _ip(hops[-trusted_hops - 1], ipv6_prefix)
+            return _ip(hops[0], ipv6_prefix) if hops else None
+        if peer_ip is None:
+            return None
+        if not networks or not trusted(peer_ip):
+            return _ip(peer_ip, ipv6_prefix)  # an untrusted peer's headers mean nothing
+        candidate = peer_ip
+        for hop in reversed(_forwarded_for(scope)):
+            address = _ip(hop, None)
+            if address is None:
+                break  # garbage in the chain: stop at the last good hop
+            candidate = address
+            if not trusted(address):
+                break
+        return _ip(candidate, ipv6_prefix)
+
+    return key
+
+
+def header(name: str) -> KeyFunc:
+    """The value of request header ``name`` (capped), or None when absent."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty header name, got {name!r}")
+    wanted = name.lower().encode("latin-1")
+
+    def key(scope: Scope) -> str | None:
+        value = _header(scope, wanted)
+        return None if value is None else _cap(value.decode("latin-1").strip())
+
+    return key
+
+
+def path_template(*, unmatched: str = "<unmatched>") -> KeyFunc:
+    """The matched route's template (``/users/{id}``), not the raw path, so every user id
+    shares one key. Routes come from the Starlette or FastAPI app in ``scope["app"]``;
+    paths that match no route share ``unmatched``.
+    """
+
+    def key(scope: Scope) -> str | None:
+        app = scope.get("app")
+        for route in getattr(app, "routes", ()):
+            try:
+                match, child = route.matches(scope)
+            except Exception:
+                continue
+            if getattr(match, "name", "") == "FULL":
+                template = getattr(route, "path", None) or child.get("route", None)
+                return _cap(str(template)) if template is not None else unmatched
+        return unmatched
+
+    return key
+
+
+def join(*parts: KeyFunc, sep: str = "|") -> KeyFunc:
+    """All parts joined (e.g. route and client); None if any part is None."""
+    if not parts:
+        raise ValueError("join needs at least one key function")
+
+    def key(scope: Scope) -> str | None:
+        values = []
+        for part in parts:
+            value = part(scope)
+            if value is None:
+                return None
+            values.append(value)
+        return sep.join(values)
+
+    return key
+
+
+def first(*parts: KeyFunc) -> KeyFunc:
+    """The first part that is not None (e.g. an API key, else the client address)."""
+    if not parts:
+        raise ValueError("first needs at least one key function")
+
+    def key(scope: Scope) -> str | None:
+        for part in parts:
+            value = part(scope)
+            if value is not None:
+                return value
+        return None
+
+    return key

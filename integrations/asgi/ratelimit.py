@@ -1,0 +1,162 @@
+"""RateLimitMiddleware: token-bucket limits for HTTP requests, as pure ASGI middleware."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from resilience.integrations.asgi.keys import KeyFunc, client_ip
+
+from resilience.limiter import Decision, LimitGroup, RedisBackend, TokenBucket
+
+__all__ = ["RateLimitMiddleware", "Rule", "ratelimit_headers"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Limiter = TokenBucket | LimitGroup
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Requests whose method and path match use ``limiter`` (and ``cost``, ``key``).
+
+    ``path`` is a regular expression matched against the whole path; ``methods`` an
+    iterable of methods (empty: any). The first matching rule wins.
+    """
+
+    path: str
+    limiter: Limiter
+    methods: tuple[str, ...] = ()
+    cost: float = 1
+    key: KeyFunc | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.path)
+        except re.error as e:
+            raise ValueError(f"path: {self.path!r} is not a regular expression: {e}") from None
+        object.__setattr__(self, "methods", tuple(m.upper() for m in self.methods))
+
+
+def _check_limiter(limiter: object, field: str) -> None:
+    if not isinstance(limiter, (TokenBucket, LimitGroup)):
+        raise TypeError(
+            f"{field} must be a TokenBucket or LimitGroup, got {type(limiter).__name__}"
+        )
+    backend = limiter.backend
+    if isinstance(backend, RedisBackend) and not backend.is_async:
+        raise ValueError(
+            f"{field}: middleware runs on the event loop, so its RedisBackend needs a "
+            "redis.asyncio client (a sync client would block every request)"
+        )
+
+
+def ratelimit_headers(name: str, limiter: Limiter, decision: Decision) -> list[tuple[bytes, bytes]]:
+    """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10)."""
+    limit = limiter.limits[0]
+    for candidate in limiter.limits:  # the group member that bounds this decision
+        if int(candidate.capacity) == decision.limit:
+            limit = candidate
+    window = max(1, math.ceil(limit.fill_time))
+    reset = max(0, math.ceil(decision.reset_after))
+    policy = f'"{name}";q={int(limit.capacity)};w={window}'
+    current = f'"{name}";r={max(0, decision.remaining)};t={reset}'
+    return [(b"ratelimit-policy", policy.encode()), (b"ratelimit", current.encode())]
+
+
+class RateLimitMiddleware:
+    """Limit HTTP requests per key; 429 with ``Retry-After`` and RateLimit fields.
+
+    ``limiter`` applies to every request not matched by a ``rules`` entry; ``key`` says
+    who a request counts against (default: the socket peer's address, see
+    ``client_ip``); ``exempt`` paths (regular expressions) are never limited.
+    WebSocket and lifespan scopes pass through untouched.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limiter: Limiter | None = None,
+        *,
+        key: KeyFunc | None = None,
+        cost: float = 1,
+        exempt: Iterable[str] = (),
+        rules: Sequence[Rule] = (),
+        name: str = "default",
+        headers: bool = True,
+    ) -> None:
+        if limiter is None and not rules:
+            raise ValueError("limiter: give a limiter, rules, or both")
+        if limiter is not None:
+            _check_limiter(limiter, "limiter")
+            for limit in limiter.limits:
+                limit.check_cost(cost)
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, Rule):
+                raise TypeError(f"rules[{i}] must be a Rule, got {type(rule).__name__}")
+            _check_limiter(rule.limiter, f"rules[{i}].limiter")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function of the ASGI scope, got {key!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"name must be a short token for the RateLimit fields, got {name!r}")
+        self.app = app
+        self.limiter = limiter
+        self.key = key or client_ip()
+        self.cost = cost
+        self.name = name
+        self.headers = headers
+        self._exempt = [re.compile(p) for p in exempt]
+        self._rules = [(re.compile(r.path), r) for r in rules]
+
+    def _pick(self, scope: Scope) -> tuple[Limiter | None, float, KeyFunc, str]:
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        for pattern, rule in self._rules:
+            if (not rule.methods or method in rule.methods) and pattern.fullmatch(path):
+                return rule.limiter, rule.cost, rule.key or self.key, rule.name or self.name
+        return self.limiter, self.cost, self.key, self.name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or any(p.fullmatch(scope.get("path", "")) for p in self._exempt):
+            await self.app(scope, receive, send)
+            return
+        limiter, cost, key_of, name = self._pick(scope)
+        key = key_of(scope) if limiter is not None else None
+        if limiter is None or key is None:
+            await self.app(scope, receive, send)
+            return
+        decision = await limiter.atry_acquire(key, cost)
+        extra = ratelimit_headers(name, limiter, decision) if self.headers else []
+        if not decision.allowed:
+            await _too_many(send, decision, extra)
+            return
+        if not extra:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_fields(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_fields)
+
+
+async def _too_many(send: Send, decision: Decision, extra: list[tuple[bytes, bytes]]) -> None:
+    retry = max(1, math.ceil(decision.retry_after))
+    body = b'{"detail":"Too Many Requests"}'
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(retry).encode()),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": 429, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
