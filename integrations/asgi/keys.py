@@ -7,6 +7,7 @@ client cannot mint unbounded keys.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, Final
@@ -34,6 +35,9 @@ def _all_headers(scope: Scope, name: bytes) -> list[bytes]:
     return [bytes(v) for k, v in scope.get("headers", ()) if k == name]
 
 
+# Parsing an address costs microseconds; the same few addresses recur, so remember them
+# (bounded: forwarded headers are attacker-controlled).
+@functools.lru_cache(maxsize=8192)
 def _ip(text: str, v6_prefix: int | None) -> str | None:
     """A normalised address, or None when ``text`` is not one."""
     text = text.strip().strip('"')

@@ -58,17 +58,24 @@ def _check_limiter(limiter: object, field: str) -> None:
         )
 
 
-def ratelimit_headers(name: str, limiter: Limiter, decision: Decision) -> list[tuple[bytes, bytes]]:
-    """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10)."""
+def _policy(name: str, limiter: Limiter, capacity: int) -> bytes:
     limit = limiter.limits[0]
     for candidate in limiter.limits:  # the group member that bounds this decision
-        if int(candidate.capacity) == decision.limit:
+        if int(candidate.capacity) == capacity:
             limit = candidate
     window = max(1, math.ceil(limit.fill_time))
+    return f'"{name}";q={int(limit.capacity)};w={window}'.encode()
+
+
+def ratelimit_headers(
+    name: str, limiter: Limiter, decision: Decision, policy: bytes | None = None
+) -> list[tuple[bytes, bytes]]:
+    """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10)."""
+    if policy is None:
+        policy = _policy(name, limiter, decision.limit)
     reset = max(0, math.ceil(decision.reset_after))
-    policy = f'"{name}";q={int(limit.capacity)};w={window}'
-    current = f'"{name}";r={max(0, decision.remaining)};t={reset}'
-    return [(b"ratelimit-policy", policy.encode()), (b"ratelimit", current.encode())]
+    current = f'"{name}";r={max(0, decision.remaining)};t={reset}'.encode()
+    return [(b"ratelimit-policy", policy), (b"ratelimit", current)]
 
 
 class RateLimitMiddleware:
@@ -113,6 +120,7 @@ class RateLimitMiddleware:
         self.name = name
         self.headers = headers
         self._exempt = [re.compile(p) for p in exempt]
+        self._policies: dict[tuple[str, int, int], bytes] = {}
         self._rules = [(re.compile(r.path), r) for r in rules]
 
     def _pick(self, scope: Scope) -> tuple[Limiter | None, float, KeyFunc, str]:
@@ -132,7 +140,15 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         decision = await limiter.atry_acquire(key, cost)
-        extra = ratelimit_headers(name, limiter, decision) if self.headers else []
+        if self.headers:
+            # The policy field is the same for every response of a limit: built once.
+            policy = self._policies.get((name, id(limiter), decision.limit))
+            if policy is None:
+                policy = _policy(name, limiter, decision.limit)
+                self._policies[(name, id(limiter), decision.limit)] = policy
+            extra = ratelimit_headers(name, limiter, decision, policy)
+        else:
+            extra = []
         if not decision.allowed:
             await _too_many(send, decision, extra)
             return
@@ -142,7 +158,6 @@ class RateLimitMiddleware:
 
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = dict(message)
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
