@@ -120,8 +120,15 @@ class RateLimitMiddleware:
         self.name = name
         self.headers = headers
         self._exempt = [re.compile(p) for p in exempt]
-        self._policies: dict[tuple[str, int, int], bytes] = {}
         self._rules = [(re.compile(r.path), r) for r in rules]
+        # The policy field never changes for a TokenBucket: built here, once. A group's
+        # bounding limit can change per decision, so groups use a small cache.
+        self._policies: dict[tuple[str, int, int], bytes] = {}
+        for lim, nm in [(limiter, name), *((r.limiter, r.name or name) for r in rules)]:
+            if isinstance(lim, TokenBucket):
+                cap = int(lim.capacity)
+                self._policies[(nm, id(lim), cap)] = _policy(nm, lim, cap)
+        self._plain = not self._rules and not self._exempt
 
     def _pick(self, scope: Scope) -> tuple[Limiter | None, float, KeyFunc, str]:
         path, method = scope.get("path", ""), scope.get("method", "GET")
@@ -131,10 +138,17 @@ class RateLimitMiddleware:
         return self.limiter, self.cost, self.key, self.name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or any(p.fullmatch(scope.get("path", "")) for p in self._exempt):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limiter, cost, key_of, name = self._pick(scope)
+        if self._plain:  # no rules, no exemptions: skip the matching
+            limiter, cost, key_of, name = self.limiter, self.cost, self.key, self.name
+        else:
+            path = scope.get("path", "")
+            if any(p.fullmatch(path) for p in self._exempt):
+                await self.app(scope, receive, send)
+                return
+            limiter, cost, key_of, name = self._pick(scope)
         key = key_of(scope) if limiter is not None else None
         if limiter is None or key is None:
             await self.app(scope, receive, send)
@@ -158,7 +172,8 @@ class RateLimitMiddleware:
 
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *extra]
+                # A copy: an app may send the same start message on every request.
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
             await send(message)
 
         await self.app(scope, receive, send_with_fields)
