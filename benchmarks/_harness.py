@@ -27,6 +27,7 @@ __all__ = [
     "TargetResult",
     "async_call_loop",
     "call_loop",
+    "check_overhead_target",
     "check_target",
     "event_loop",
     "interleave",
@@ -117,6 +118,28 @@ class Group:
             return None
         pairs = zip(mine.samples, theirs.samples, strict=True)
         return statistics.median(a / b for a, b in pairs if b > 0)
+
+    def paired_overhead(self, case: str) -> float | None:
+        """Median over rounds of case - baseline within the same round (steadier than the
+        difference of the two medians when the machine drifts)."""
+        mine = self.results.get(case)
+        base = self.results.get(self.baseline) if self.baseline else None
+        if mine is None or base is None:
+            return None
+        return statistics.median(a - z for a, z in zip(mine.samples, base.samples, strict=True))
+
+    def overhead_ratio(self, case: str, reference: str) -> float | None:
+        """Median over rounds of (case - baseline) / (reference - baseline), all three
+        from the same round: how the added costs compare, paired like ``ratio``."""
+        if self.baseline is None:
+            return None
+        mine, theirs = self.results.get(case), self.results.get(reference)
+        base = self.results.get(self.baseline)
+        if mine is None or theirs is None or base is None:
+            return None
+        rounds = zip(mine.samples, theirs.samples, base.samples, strict=True)
+        ratios = [(a - z) / (b - z) for a, b, z in rounds if b > z]
+        return statistics.median(ratios) if ratios else None
 
     def as_dict(self) -> dict[str, Any]:
         cases = {
@@ -403,6 +426,14 @@ def check_target(
 ) -> TargetResult:
     """ours/peer on raw values (not overhead), paired by round, against ``limit``."""
     value = group.ratio(ours, peer)
+    return TargetResult(label, ours, peer_label or peer, limit, value)
+
+
+def check_overhead_target(
+    label: str, group: Group, ours: str, peer: str, limit: float, *, peer_label: str | None = None
+) -> TargetResult:
+    """ours/peer on added cost (each minus the group's baseline), paired by round."""
+    value = group.overhead_ratio(ours, peer)
     return TargetResult(label, ours, peer_label or peer, limit, value)
 
 

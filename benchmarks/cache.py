@@ -22,7 +22,6 @@ import functools
 import importlib
 import importlib.metadata
 import itertools
-import os
 import statistics
 import threading
 import time
@@ -50,6 +49,10 @@ from benchmarks._harness import (
     print_target,
     settings,
 )
+from benchmarks._redis import redis_or_reason as _redis_or_reason
+from benchmarks._redis import redis_url as _redis_url
+from benchmarks._redis import unlink as _unlink
+from benchmarks._redis import where as _where
 from resilience.cache.policy import MISSING
 
 #: import name -> distribution name
@@ -59,8 +62,6 @@ PEERS: Final = {
     "cashews": "cashews",
     "async_lru": "async-lru",
 }
-REDIS_URL_ENV: Final = "RESILIENCE_REDIS_URL"
-DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 TTL: Final = 60.0  # the decorators' ttl
 CACHE_TTL: Final = 300.0  # TwoTierCache default ttl
 LOCAL_TTL: Final = 30.0
@@ -402,39 +403,6 @@ def async_hit(peers: dict[str, Any], s: Settings) -> Group:
 
 
 # -- Redis helpers ------------------------------------------------------------------------
-
-
-def _redis_url() -> str:
-    return os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
-
-
-def _where(url: str) -> str:
-    """host:port/db, without any credentials the URL may carry."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.hostname}:{parts.port or 6379}{parts.path or ''}"
-
-
-def _redis_or_reason(url: str) -> tuple[redis.Redis | None, str | None]:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
-    except ValueError as error:  # not a Redis URL
-        return None, f"bad {REDIS_URL_ENV} ({error})"
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as error:
-        client.close()
-        return None, f"Redis not reachable at {_where(url)} ({type(error).__name__}: {error})"
-    return client, None
-
-
-def _unlink(client: redis.Redis, patterns: Sequence[str]) -> int:
-    """Delete our keys only: SCAN MATCH each pattern, then UNLINK, in chunks."""
-    keys: list[Any] = []
-    for pattern in patterns:
-        keys += client.scan_iter(match=pattern, count=1000)
-    for i in range(0, len(keys), 500):
-        client.unlink(*keys[i : i + 500])
-    return len(keys)
 
 
 def _aiocache_redis_kwargs(url: str) -> dict[str, Any]:

@@ -19,10 +19,8 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
-import os
 import threading
 import time
-import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final
@@ -45,11 +43,13 @@ from benchmarks._harness import (
     print_target,
     settings,
 )
+from benchmarks._redis import redis_or_reason as _redis_or_reason
+from benchmarks._redis import redis_url as _redis_url
+from benchmarks._redis import unlink_prefix as _unlink_prefix
+from benchmarks._redis import where as _where
 
 #: import name -> distribution name
 PEERS: Final = {"limits": "limits", "pyrate_limiter": "pyrate-limiter", "aiolimiter": "aiolimiter"}
-REDIS_URL_ENV: Final = "RESILIENCE_REDIS_URL"
-DEFAULT_REDIS_URL: Final = "redis://127.0.0.1:6379/0"
 RATE: Final = 1e9  # tokens per second
 CAPACITY: Final = 1e9
 PER_SECOND: Final = 10**9  # the same limit for the peers, which take whole numbers
@@ -396,37 +396,6 @@ def memory_async(peers: dict[str, Any], s: Settings, closer: _Closer) -> Group:
 
 
 # -- Redis helpers ------------------------------------------------------------------------
-
-
-def _redis_url() -> str:
-    return os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
-
-
-def _where(url: str) -> str:
-    """host:port/db, without any credentials the URL may carry."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.hostname}:{parts.port or 6379}{parts.path or ''}"
-
-
-def _redis_or_reason(url: str) -> tuple[redis.Redis | None, str | None]:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
-    except ValueError as error:  # not a Redis URL
-        return None, f"bad {REDIS_URL_ENV} ({error})"
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as error:
-        client.close()
-        return None, f"Redis not reachable at {_where(url)} ({type(error).__name__}: {error})"
-    return client, None
-
-
-def _unlink_prefix(client: redis.Redis, prefix: str) -> int:
-    """Delete our keys only: SCAN MATCH <prefix>:* then UNLINK, in chunks."""
-    keys: list[Any] = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    for i in range(0, len(keys), 500):
-        client.unlink(*keys[i : i + 500])
-    return len(keys)
 
 
 class _FallbackWatch:

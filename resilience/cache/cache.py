@@ -289,7 +289,11 @@ class TwoTierCache:
             self.local.fill(lkey, Entry(value, now + life, delta, keep), ticket, rkey)
             return value
         blob = remote.encode(value, self._wall() + life, delta)
-        self.local.fill(lkey, Entry(value, now + min(life, self.local.ttl), delta), ticket, rkey)
+        entry = Entry(value, now + min(life, self.local.ttl), delta)
+        if not self.local.fill(lkey, entry, ticket, rkey):
+            # The key was written or deleted since this load began: that write is newer,
+            # so this value must not overwrite it in Redis either.
+            return value
         yield (_WRITE, rkey, blob, math.ceil((life + policy.keep_for) * 1000))
         return value
 

@@ -22,11 +22,14 @@ import logging
 import socket
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from resilience._events import Listener
 from resilience._flight import Flight
@@ -249,6 +252,18 @@ def _sha(text: str) -> str:
     return sha
 
 
+class _NoRetry(Retry):
+    """Never retry and never reconnect: the subscriber's own loop handles every drop, so
+    that each one flushes the local tier. redis-py's PubSub would otherwise reconnect
+    and resubscribe in its failure callback, even with zero retries, hiding the drop."""
+
+    def __init__(self) -> None:
+        super().__init__(NoBackoff(), 0)
+
+    def call_with_retry(self, do: Callable[[], Any], fail: Any, *args: Any, **kwargs: Any) -> Any:
+        return do()
+
+
 class _Subscriber(threading.Thread):
     """Listens on the invalidate and loaded channels with a connection of its own."""
 
@@ -267,7 +282,7 @@ class _Subscriber(threading.Thread):
         self.connected = False
         self._pubsub: Any = None
         kwargs = dict(tier._user_client.connection_pool.connection_kwargs)
-        kwargs.pop("retry", None)
+        kwargs.update(retry=_NoRetry(), retry_on_error=[], retry_on_timeout=False)
         # Blocking reads wait for messages; the loop wakes every half second to stop.
         kwargs.update(socket_timeout=2.0, socket_connect_timeout=1.0)
         self._kwargs = kwargs
@@ -289,9 +304,11 @@ class _Subscriber(threading.Thread):
             pubsub: Any = None
             try:
                 client = redis.Redis(connection_pool=redis.ConnectionPool(**self._kwargs))
-                pubsub = self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub = self._pubsub = client.pubsub()  # type: ignore[no-untyped-call]
                 pubsub.subscribe(tier.invalidate_channel, tier.loaded_channel)
-                # Notices sent while we were away are lost: start from an empty local tier.
+                self._await_confirmations(pubsub)
+                # Notices sent while we were away are lost: start from an empty local tier,
+                # now that the subscription is confirmed (no notice can slip in between).
                 self._on_lost()
                 self.connected = True
                 self.ready.set()
@@ -324,7 +341,22 @@ class _Subscriber(threading.Thread):
                     with contextlib.suppress(Exception):
                         client.connection_pool.disconnect()
 
+    def _await_confirmations(self, pubsub: Any) -> None:
+        pending = {self._tier.invalidate_channel, self._tier.loaded_channel}
+        deadline = time.monotonic() + 5.0
+        while pending:
+            if time.monotonic() > deadline:
+                raise redis.TimeoutError("no subscribe confirmation")
+            message = pubsub.get_message(timeout=0.5)
+            if message is not None:
+                if message.get("type") == "subscribe":
+                    pending.discard(_text(message.get("channel")))
+                else:
+                    self._handle(message)
+
     def _handle(self, message: dict[str, Any]) -> None:
+        if message.get("type") not in ("message", "pmessage"):
+            return
         channel = _text(message.get("channel"))
         data = _text(message.get("data"))
         if channel == self._tier.invalidate_channel:
