@@ -64,6 +64,18 @@ def budgeted(client: Any, timeout: float) -> Any:
     return cls(connection_pool=new_pool)
 
 
+def _take_idle(pool: Any) -> list[Any]:
+    """Remove the idle connections from an asyncio pool in one step (no task can interleave).
+
+    The pool counts only connections in use against its limit, so this is safe."""
+    idle = getattr(pool, "_available_connections", None)
+    if not isinstance(idle, list):
+        return []
+    taken = list(idle)
+    idle.clear()
+    return taken
+
+
 class Commands:
     """Commands on a budgeted client: straight to its pool unless it is the user's own."""
 
@@ -83,8 +95,11 @@ class Commands:
             return conn.read_response()
         except ResponseError:
             raise
-        except BaseException:
+        except BaseException as error:
             conn.disconnect()
+            if isinstance(error, OUTAGE_ERRORS):
+                # Its idle siblings are dead too: drop them so recovery starts on fresh ones.
+                pool.disconnect(inuse_connections=False)
             raise
         finally:
             pool.release(conn)
@@ -99,8 +114,13 @@ class Commands:
             return await conn.read_response()
         except ResponseError:
             raise
-        except BaseException:
+        except BaseException as error:
             await conn.disconnect()
+            if isinstance(error, OUTAGE_ERRORS):
+                # pool.disconnect() awaits between connections while another task may take
+                # one of them: take every idle one out first (no await), then close them.
+                for idle in _take_idle(pool):
+                    await idle.disconnect()
             raise
         finally:
             await pool.release(conn)

@@ -7,7 +7,6 @@ import re
 from collections.abc import Awaitable, Callable, Container, MutableMapping, Sequence
 from typing import Any
 
-from resilience._cancel import cancelled_types
 from resilience.breaker import CircuitBreaker
 
 __all__ = ["CircuitBreakerMiddleware"]
@@ -102,10 +101,10 @@ class CircuitBreakerMiddleware:
             await permit.aignore()
             raise
         except BaseException as error:
-            if disconnected or isinstance(error, cancelled_types()):
+            if disconnected:
                 await permit.aignore()
-            else:
-                await permit.afailure(error)
+            else:  # the breaker's include/exclude, cancellation and deadline rules apply
+                await permit.aerror(error)
             raise
         if disconnected and status == 0:
             await permit.aignore()

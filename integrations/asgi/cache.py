@@ -14,11 +14,14 @@ library or a framework:
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
+
+from resilience.integrations.asgi.ratelimit import _patterns
 
 from resilience.cache import TwoTierCache
 
@@ -45,8 +48,20 @@ _HOP_BY_HOP: Final = frozenset(
         b"upgrade",
         b"age",
         b"date",
+        # Per request, per client: replaying them would tell one client another's quota.
+        b"ratelimit",
+        b"ratelimit-policy",
+        b"ratelimit-limit",
+        b"ratelimit-remaining",
+        b"ratelimit-reset",
+        b"retry-after",
+        b"x-ratelimit-limit",
+        b"x-ratelimit-remaining",
+        b"x-ratelimit-reset",
     }
 )
+# Request inputs a shared key cannot see: such requests are never cached.
+_UNKEYED: Final = (b"x-http-method-override", b"x-method-override", b"x-http-method")
 _MAX_AGE = re.compile(r"(?:^|,)\s*(s-maxage|max-age)\s*=\s*\"?(\d+)\"?", re.I)
 
 
@@ -65,38 +80,63 @@ def _directives(value: bytes | None) -> set[str]:
     return {part.split("=", 1)[0].strip().lower() for part in value.decode("latin-1").split(",")}
 
 
-def _lifetime(cache_control: bytes | None, default: float) -> float | None:
-    """Seconds to keep a response: s-maxage, else max-age, else ``default``; None: never."""
+def _lifetime(cache_control: bytes | None, expires: bytes | None, default: float) -> float | None:
+    """Seconds to keep a response: s-maxage, else max-age, else Expires, else ``default``;
+    None: never (RFC 9111 section 4.2.1)."""
     if cache_control is None:
-        return default
+        return _expires(expires, default)
     found = {
         m.group(1).lower(): int(m.group(2))
         for m in _MAX_AGE.finditer(cache_control.decode("latin-1"))
     }
     seconds = found.get("s-maxage", found.get("max-age"))
     if seconds is None:
-        return default
+        return _expires(expires, default)
     return float(seconds) if seconds > 0 else None
+
+
+def _expires(expires: bytes | None, default: float) -> float | None:
+    if expires is None:
+        return default
+    try:
+        when = email.utils.parsedate_to_datetime(expires.decode("latin-1"))
+    except (TypeError, ValueError, IndexError):
+        return None  # an invalid Expires means "already expired" (RFC 9111 5.3)
+    left = when.timestamp() - time.time()
+    return left if left > 0 else None
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    length = _get(headers, b"content-length")
+    if length is not None and length.strip() not in (b"", b"0"):
+        return True
+    return _get(headers, b"transfer-encoding") is not None
 
 
 def _etag(body: bytes) -> bytes:
     return b'"' + hashlib.sha256(body).hexdigest()[:32].encode() + b'"'
 
 
+def _opaque(tag: str) -> str:
+    tag = tag.strip()
+    return tag[2:] if tag.startswith("W/") else tag
+
+
 def _matches(if_none_match: bytes | None, etag: str) -> bool:
     if if_none_match is None:
         return False
     tags = [t.strip() for t in if_none_match.decode("latin-1").split(",")]
-    # Weak comparison (RFC 9110 13.1.2): W/"x" matches "x".
-    return "*" in tags or etag in (t[2:] if t.startswith("W/") else t for t in tags)
+    # Weak comparison (RFC 9110 13.1.2), as If-None-Match requires: W/"x" matches "x".
+    return "*" in tags or _opaque(etag) in (_opaque(t) for t in tags)
 
 
 class ResponseCacheMiddleware:
     """Cache GET responses in ``cache`` for ``ttl`` seconds (or the response's s-maxage /
-    max-age). Bodies up to ``max_body`` bytes are stored; larger and streamed bodies
-    pass through untouched, chunk by chunk. ``allow_credentials`` lists path regexes
-    whose requests may be cached even with ``Authorization`` or cookies (the key then
-    includes those headers). The cache must be local-only or use a redis.asyncio client.
+    max-age, or Expires). Bodies up to ``max_body`` bytes are stored, streamed ones too;
+    every body passes through chunk by chunk as it is produced. ``allow_credentials``
+    lists path regexes whose requests may be cached even with ``Authorization`` or
+    cookies (the key then includes those headers). The cache must be local-only or use
+    a redis.asyncio client.
     """
 
     def __init__(
@@ -127,7 +167,7 @@ class ResponseCacheMiddleware:
         self.max_body = max_body
         self.statuses = frozenset(statuses)
         self.prefix = prefix
-        self._credentialed = [re.compile(p) for p in allow_credentials]
+        self._credentialed = _patterns(allow_credentials, "allow_credentials")
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -153,6 +193,9 @@ class ResponseCacheMiddleware:
             await self.app(scope, receive, send)
             return
         headers = _headers(scope)
+        if _has_body(headers) or any(_get(headers, name) is not None for name in _UNKEYED):
+            await self.app(scope, receive, send)  # the key could not tell this request apart
+            return
         credentialed = _get(headers, b"authorization") is not None or (
             _get(headers, b"cookie") is not None
         )
@@ -220,6 +263,10 @@ class ResponseCacheMiddleware:
                 keep, vary = self._cacheable(message)
                 return  # held until the first body chunk: a one-chunk body gets an ETag
             if message["type"] != "http.response.body":
+                if not started and start is not None:  # e.g. http.response.pathsend
+                    started = True
+                    await send(start)
+                keep = None  # a body we never see cannot be stored
                 await send(message)
                 return
             chunk = bytes(message.get("body", b""))
@@ -285,5 +332,5 @@ class ResponseCacheMiddleware:
         )
         if "*" in vary:
             return None, []
-        seconds = _lifetime(cache_control, self.ttl)
+        seconds = _lifetime(cache_control, _get(headers, b"expires"), self.ttl)
         return (None, []) if seconds is None else (seconds, vary)

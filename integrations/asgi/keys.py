@@ -57,12 +57,12 @@ def _ip(text: str, v6_prefix: int | None) -> str | None:
     return str(address)
 
 
-def _forwarded_for(scope: Scope) -> list[str]:
-    """Addresses from X-Forwarded-For, or else from Forwarded, leftmost first."""
+def _forwarded_for(scope: Scope, which: str) -> list[str]:
+    """Addresses from the one forwarding header the proxies write, leftmost first."""
     hops: list[str] = []
-    for raw in _all_headers(scope, b"x-forwarded-for"):
-        hops.extend(part.strip() for part in raw.decode("latin-1").split(","))
-    if hops:
+    if which == "x-forwarded-for":
+        for raw in _all_headers(scope, b"x-forwarded-for"):
+            hops.extend(part.strip() for part in raw.decode("latin-1").split(","))
         return hops
     for raw in _all_headers(scope, b"forwarded"):
         for element in raw.decode("latin-1").split(","):
@@ -78,6 +78,7 @@ def client_ip(
     *,
     trusted_hops: int = 0,
     ipv6_prefix: int | None = 64,
+    forwarded_header: str = "x-forwarded-for",
 ) -> KeyFunc:
     """The client's address, reading ``X-Forwarded-For`` / ``Forwarded`` only from proxies
     you trust.
@@ -87,7 +88,14 @@ def client_ip(
     client. With ``trusted_hops=N``, the Nth address from the right is taken (N proxies
     you control). Headers from an untrusted peer are ignored: the peer itself is the
     client. IPv6 clients are keyed by their ``/ipv6_prefix`` network (None: full address).
+    ``forwarded_header`` names the one header your proxies write (``"x-forwarded-for"``
+    or ``"forwarded"``); the other is never read, so a client cannot supply it.
     """
+    which = forwarded_header.lower() if isinstance(forwarded_header, str) else ""
+    if which not in ("x-forwarded-for", "forwarded"):
+        raise ValueError(
+            f"forwarded_header must be 'x-forwarded-for' or 'forwarded', got {forwarded_header!r}"
+        )
     networks = []
     for proxy in trusted_proxies:
         try:
@@ -102,17 +110,17 @@ def client_ip(
         raise ValueError(f"ipv6_prefix must be None or 1..128, got {ipv6_prefix!r}")
 
     def trusted(address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
+        normal = _ip(address, None)  # unmaps ::ffff:a.b.c.d from dual-stack listeners
+        if normal is None:
             return False
+        ip = ipaddress.ip_address(normal)
         return any(ip in net for net in networks)
 
     def key(scope: Scope) -> str | None:
         peer = scope.get("client")
         peer_ip = peer[0] if peer else None
         if trusted_hops:
-            hops = _forwarded_for(scope)
+            hops = _forwarded_for(scope, which)
             if peer_ip is not None:
                 hops.append(peer_ip)
             # The last trusted_hops entries are our proxies; the one before is the client.
@@ -124,7 +132,7 @@ def client_ip(
         if not networks or not trusted(peer_ip):
             return _ip(peer_ip, ipv6_prefix)  # an untrusted peer's headers mean nothing
         candidate = peer_ip
-        for hop in reversed(_forwarded_for(scope)):
+        for hop in reversed(_forwarded_for(scope, which)):
             address = _ip(hop, None)
             if address is None:
                 break  # garbage in the chain: stop at the last good hop
@@ -137,14 +145,15 @@ def client_ip(
 
 
 def header(name: str) -> KeyFunc:
-    """The value of request header ``name`` (capped), or None when absent."""
+    """The value of request header ``name`` (capped), or None when absent or empty."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty header name, got {name!r}")
     wanted = name.lower().encode("latin-1")
 
     def key(scope: Scope) -> str | None:
         value = _header(scope, wanted)
-        return None if value is None else _cap(value.decode("latin-1").strip())
+        text = "" if value is None else value.decode("latin-1").strip()
+        return _cap(text) if text else None  # an empty header is no key, not an error
 
     return key
 

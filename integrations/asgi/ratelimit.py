@@ -32,7 +32,7 @@ class Rule:
 
     path: str
     limiter: Limiter
-    methods: tuple[str, ...] = ()
+    methods: Iterable[str] = ()
     cost: float = 1
     key: KeyFunc | None = None
     name: str | None = None
@@ -42,7 +42,31 @@ class Rule:
             re.compile(self.path)
         except re.error as e:
             raise ValueError(f"path: {self.path!r} is not a regular expression: {e}") from None
-        object.__setattr__(self, "methods", tuple(m.upper() for m in self.methods))
+        methods = (self.methods,) if isinstance(self.methods, str) else self.methods
+        object.__setattr__(self, "methods", tuple(m.upper() for m in methods))
+        if self.name is not None:
+            _check_name(self.name, "name")
+        _check_limiter(self.limiter, "limiter")
+        for limit in self.limiter.limits:
+            limit.check_cost(self.cost)
+
+
+_TOKEN = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _check_name(name: object, field: str) -> None:
+    if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+        raise ValueError(f"{field} must be a short token for the RateLimit fields, got {name!r}")
+
+
+def _patterns(values: Iterable[str], field: str) -> list[re.Pattern[str]]:
+    compiled = []
+    for value in values:
+        try:
+            compiled.append(re.compile(value))
+        except (re.error, TypeError) as e:
+            raise ValueError(f"{field}: {value!r} is not a regular expression: {e}") from None
+    return compiled
 
 
 def _check_limiter(limiter: object, field: str) -> None:
@@ -111,15 +135,14 @@ class RateLimitMiddleware:
             _check_limiter(rule.limiter, f"rules[{i}].limiter")
         if key is not None and not callable(key):
             raise TypeError(f"key must be a function of the ASGI scope, got {key!r}")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ValueError(f"name must be a short token for the RateLimit fields, got {name!r}")
+        _check_name(name, "name")
         self.app = app
         self.limiter = limiter
         self.key = key or client_ip()
         self.cost = cost
         self.name = name
         self.headers = headers
-        self._exempt = [re.compile(p) for p in exempt]
+        self._exempt = _patterns(exempt, "exempt")
         self._rules = [(re.compile(r.path), r) for r in rules]
         # The policy field never changes for a TokenBucket: built here, once. A group's
         # bounding limit can change per decision, so groups use a small cache.

@@ -111,6 +111,16 @@ class Permit:
         if self._settle():
             self._breaker._finish(self._admission, self._start, Outcome.IGNORED, None)
 
+    def error(self, error: BaseException) -> None:
+        """Report an exception from the work, classified as the decorator would classify it
+        (``include`` / ``exclude``, cancellation, deadlines)."""
+        if self._settle():
+            self._breaker._on_error(self._admission, self._start, error)
+
+    async def aerror(self, error: BaseException) -> None:
+        if self._settle():
+            await self._breaker._aon_error(self._admission, self._start, error)
+
     async def asuccess(self) -> None:
         if self._settle():
             await self._breaker._afinish(self._admission, self._start, Outcome.SUCCESS, None)
