@@ -10,7 +10,7 @@ from typing import Any
 
 from resilience.integrations.asgi.keys import KeyFunc, client_ip
 
-from resilience.limiter import Decision, LimitGroup, RedisBackend, TokenBucket
+from resilience.limiter import Decision, LimitGroup, MemoryBackend, RedisBackend, TokenBucket
 
 __all__ = ["RateLimitMiddleware", "Rule", "ratelimit_headers"]
 
@@ -102,6 +102,19 @@ def ratelimit_headers(
     return [(b"ratelimit-policy", policy), (b"ratelimit", current)]
 
 
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    """What a request matched, worked out once at construction."""
+
+    limiter: Limiter
+    cost: float
+    key: KeyFunc
+    name: str
+    name_bytes: bytes
+    policy: bytes | None  # the RateLimit-Policy field; None for groups (varies)
+    in_memory: bool
+
+
 class RateLimitMiddleware:
     """Limit HTTP requests per key; 429 with ``Retry-After`` and RateLimit fields.
 
@@ -143,47 +156,80 @@ class RateLimitMiddleware:
         self.name = name
         self.headers = headers
         self._exempt = _patterns(exempt, "exempt")
-        self._rules = [(re.compile(r.path), r) for r in rules]
-        # The policy field never changes for a TokenBucket: built here, once. A group's
-        # bounding limit can change per decision, so groups use a small cache.
-        self._policies: dict[tuple[str, int, int], bytes] = {}
-        for lim, nm in [(limiter, name), *((r.limiter, r.name or name) for r in rules)]:
-            if isinstance(lim, TokenBucket):
-                cap = int(lim.capacity)
-                self._policies[(nm, id(lim), cap)] = _policy(nm, lim, cap)
+        # Each route's limiter, key, name and policy field, worked out here, once.
+        self._default = None if limiter is None else self._choose(limiter, cost, self.key, name)
+        self._rules = [
+            (
+                re.compile(r.path),
+                r,
+                self._choose(r.limiter, r.cost, r.key or self.key, r.name or name),
+            )
+            for r in rules
+        ]
+        self._policies: dict[tuple[str, int, int], bytes] = {}  # groups' policy fields
         self._plain = not self._rules and not self._exempt
 
-    def _pick(self, scope: Scope) -> tuple[Limiter | None, float, KeyFunc, str]:
+    def _choose(self, limiter: Limiter, cost: float, key: KeyFunc, name: str) -> _Choice:
+        policy = (
+            _policy(name, limiter, int(limiter.capacity))
+            if isinstance(limiter, TokenBucket)
+            else None
+        )
+        return _Choice(
+            limiter,
+            cost,
+            key,
+            name,
+            name.encode(),
+            policy,
+            isinstance(limiter.backend, MemoryBackend),
+        )
+
+    def _pick(self, scope: Scope) -> _Choice | None:
         path, method = scope.get("path", ""), scope.get("method", "GET")
-        for pattern, rule in self._rules:
+        for pattern, rule, choice in self._rules:
             if (not rule.methods or method in rule.methods) and pattern.fullmatch(path):
-                return rule.limiter, rule.cost, rule.key or self.key, rule.name or self.name
-        return self.limiter, self.cost, self.key, self.name
+                return choice
+        return self._default
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self._plain:  # no rules, no exemptions: skip the matching
-            limiter, cost, key_of, name = self.limiter, self.cost, self.key, self.name
+        if self._plain:  # no rules, no exemptions: nothing to match
+            choice = self._default
         else:
             path = scope.get("path", "")
             if any(p.fullmatch(path) for p in self._exempt):
                 await self.app(scope, receive, send)
                 return
-            limiter, cost, key_of, name = self._pick(scope)
-        key = key_of(scope) if limiter is not None else None
-        if limiter is None or key is None:
+            choice = self._pick(scope)
+        key = None if choice is None else choice.key(scope)
+        if choice is None or key is None:
             await self.app(scope, receive, send)
             return
-        decision = await limiter.atry_acquire(key, cost)
+        limiter = choice.limiter
+        if choice.in_memory:
+            decision = limiter.try_acquire(key, choice.cost)  # no I/O: no coroutine needed
+        else:
+            decision = await limiter.atry_acquire(key, choice.cost)
         if self.headers:
-            # The policy field is the same for every response of a limit: built once.
-            policy = self._policies.get((name, id(limiter), decision.limit))
-            if policy is None:
-                policy = _policy(name, limiter, decision.limit)
-                self._policies[(name, id(limiter), decision.limit)] = policy
-            extra = ratelimit_headers(name, limiter, decision, policy)
+            policy = choice.policy
+            if policy is None:  # a group: its bounding limit can change per decision
+                cache_key = (choice.name, id(limiter), decision.limit)
+                policy = self._policies.get(cache_key)
+                if policy is None:
+                    policy = self._policies[cache_key] = _policy(
+                        choice.name, limiter, decision.limit
+                    )
+            # The RateLimit field, formatted inline: this runs on every request.
+            reset = decision.reset_after
+            current = b'"%s";r=%d;t=%d' % (
+                choice.name_bytes,
+                decision.remaining if decision.remaining > 0 else 0,
+                int(-(-reset // 1)) if reset > 0 else 0,  # seconds, rounded up
+            )
+            extra = [(b"ratelimit-policy", policy), (b"ratelimit", current)]
         else:
             extra = []
         if not decision.allowed:
