@@ -99,8 +99,11 @@ OURS_NO_HEADERS: Final = "ours, headers off"
 SLOWAPI_ASGI: Final = "slowapi ASGI"
 SLOWAPI_ASGI_HEADERS: Final = "slowapi ASGI, headers on"
 SLOWAPI_BASE: Final = "slowapi BaseHTTPMiddleware"
+OURS_CACHE: Final = "ours response cache"
+OURS_BREAKER: Final = "ours circuit breaker"
+OURS_ALL: Final = "ours, all three"
 #: The cases of the load run (each is one uvicorn child process).
-LOAD_CASES: Final = (BARE, OURS, SLOWAPI_ASGI)
+LOAD_CASES: Final = (BARE, OURS, OURS_CACHE, OURS_BREAKER, OURS_ALL, SLOWAPI_ASGI)
 TARGET: Final = 0.10  # our added cost / slowapi ASGI's added cost
 SERVER_LIFETIME: Final = 120.0  # seconds; a server exits by itself after this
 START_TIMEOUT: Final = 30.0  # seconds for a server to answer its first request
@@ -211,12 +214,24 @@ def build_app(case: str) -> Any:
 
     middleware: list[Middleware] = []
     limiter: Any = None
-    if case in (OURS, OURS_NO_HEADERS):
+    if case in (OURS, OURS_NO_HEADERS, OURS_CACHE, OURS_BREAKER, OURS_ALL):
         _ensure_integrations()
-        from resilience.integrations.asgi import RateLimitMiddleware
+        from resilience.integrations.asgi import (
+            CircuitBreakerMiddleware,
+            RateLimitMiddleware,
+            ResponseCacheMiddleware,
+        )
 
-        bucket = rs.TokenBucket(rate=RATE, capacity=CAPACITY)
-        middleware.append(Middleware(RateLimitMiddleware, limiter=bucket, headers=case == OURS))
+        if case in (OURS, OURS_NO_HEADERS, OURS_ALL):
+            bucket = rs.TokenBucket(rate=RATE, capacity=CAPACITY)
+            middleware.append(
+                Middleware(RateLimitMiddleware, limiter=bucket, headers=case != OURS_NO_HEADERS)
+            )
+        if case in (OURS_CACHE, OURS_ALL):  # after the first request, every one is a hit
+            middleware.append(Middleware(ResponseCacheMiddleware, cache=rs.TwoTierCache(), ttl=300))
+        if case in (OURS_BREAKER, OURS_ALL):
+            breaker = rs.CircuitBreaker("bench", failure_threshold=1000)
+            middleware.append(Middleware(CircuitBreakerMiddleware, breaker=breaker))
     elif case in (SLOWAPI_ASGI, SLOWAPI_ASGI_HEADERS, SLOWAPI_BASE):
         mw = importlib.import_module("slowapi.middleware")
         limiter = _slowapi_limiter(headers=case == SLOWAPI_ASGI_HEADERS)
@@ -603,7 +618,7 @@ async def _first_response(server: _Server) -> None:
     if status != 200 or body != b"ok":
         raise RuntimeError(f"{server.case}: expected 200 'ok', got {status} {body!r}")
     has_ours = all(f in fields for f in OUR_FIELDS)
-    if has_ours != (server.case == OURS):
+    if has_ours != (server.case in (OURS, OURS_ALL)):
         raise RuntimeError(f"{server.case}: RateLimit fields {'' if has_ours else 'not '}sent")
 
 
