@@ -1577,11 +1577,13 @@ async def test_redis_outage_under_load(
 @pytest.mark.anyio
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG (resilience._redis / RedisBackend): connections pooled before an outage are "
-    "dead after it; the budgeted pool has no retries and sends with check_health=False, so "
-    "the first burst after the breaker closes writes on them ('Error 104 while writing to "
-    "socket'), re-opens the breaker for another recovery_timeout and reports a second "
-    "outage; meanwhile on_error decides instead of Redis",
+    reason=(
+        "OPEN: right after Redis recovers, the backend's recovery is not reported when "
+        "the first request is already decided by Redis again (availability stays [False]), "
+        "and the next burst can meet another outage cycle. Idle pooled connections are "
+        "now dropped on the first outage error (resilience._redis), which fixed the stale "
+        "writes; what remains is not yet understood"
+    ),
 )
 async def test_first_burst_after_redis_recovers_is_decided_by_redis(
     proxy: FaultProxy, over_redis: Callable[[str], Awaitable[OverRedis]]
