@@ -10,7 +10,7 @@ from __future__ import annotations
 import time as _time
 from typing import Protocol, runtime_checkable
 
-__all__ = ["SYSTEM_CLOCK", "Clock", "SystemClock"]
+__all__ = ["SYSTEM_CLOCK", "Clock", "SystemClock", "monotonic"]
 
 
 @runtime_checkable
@@ -46,6 +46,11 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+#: ``time.monotonic`` itself, for hot paths that use the system clock. Import it as a
+#: module attribute: freezegun patches module attributes bound to the real function, so
+#: it still moves under freeze_time.
+monotonic = _time.monotonic
 
 
 def resolve(clock: Clock | None) -> Clock:

@@ -104,3 +104,16 @@ def test_design_doc_diagram_matches_the_transition_table() -> None:
     from resilience._diagram import breaker_mermaid
 
     assert breaker_mermaid() in (ROOT / "docs" / "design.md").read_text()
+
+
+def test_time_is_read_only_through_the_clock_module() -> None:
+    # The demo shows real time, and the subscriber's network deadline must not freeze.
+    allowed = {"resilience/_clock.py", "resilience/_demo.py", "resilience/cache/redis.py"}
+    offenders = []
+    for base in ("resilience", "integrations"):
+        for path in (ROOT / base).rglob("*.py"):
+            rel = path.relative_to(ROOT).as_posix()
+            text = path.read_text()
+            if rel not in allowed and re.search(r"\btime\.(time|monotonic|perf_counter)\(", text):
+                offenders.append(rel)
+    assert offenders == []

@@ -17,7 +17,6 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
@@ -80,29 +79,31 @@ def _directives(value: bytes | None) -> set[str]:
     return {part.split("=", 1)[0].strip().lower() for part in value.decode("latin-1").split(",")}
 
 
-def _lifetime(cache_control: bytes | None, expires: bytes | None, default: float) -> float | None:
+def _lifetime(
+    cache_control: bytes | None, expires: bytes | None, default: float, now: float
+) -> float | None:
     """Seconds to keep a response: s-maxage, else max-age, else Expires, else ``default``;
     None: never (RFC 9111 section 4.2.1)."""
     if cache_control is None:
-        return _expires(expires, default)
+        return _expires(expires, default, now)
     found = {
         m.group(1).lower(): int(m.group(2))
         for m in _MAX_AGE.finditer(cache_control.decode("latin-1"))
     }
     seconds = found.get("s-maxage", found.get("max-age"))
     if seconds is None:
-        return _expires(expires, default)
+        return _expires(expires, default, now)
     return float(seconds) if seconds > 0 else None
 
 
-def _expires(expires: bytes | None, default: float) -> float | None:
+def _expires(expires: bytes | None, default: float, now: float) -> float | None:
     if expires is None:
         return default
     try:
         when = email.utils.parsedate_to_datetime(expires.decode("latin-1"))
     except (TypeError, ValueError, IndexError):
         return None  # an invalid Expires means "already expired" (RFC 9111 5.3)
-    left = when.timestamp() - time.time()
+    left = when.timestamp() - now
     return left if left > 0 else None
 
 
@@ -222,7 +223,7 @@ class ResponseCacheMiddleware:
         request_headers: list[tuple[bytes, bytes]],
         send: Send,
     ) -> None:
-        age = max(0, int(time.time() - stored["t"]))
+        age = max(0, int(self.cache.clock.time() - stored["t"]))
         etag: str = stored["e"]
         out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in stored["h"]]
         out.append((b"age", str(age).encode()))
@@ -303,7 +304,7 @@ class ResponseCacheMiddleware:
             "s": start["status"],
             "h": headers,
             "b": content,
-            "t": time.time(),
+            "t": self.cache.clock.time(),
             "e": etag.decode("latin-1"),
         }
         await self.cache.aset(url_key + ":vary", vary, ttl=keep)
@@ -332,5 +333,7 @@ class ResponseCacheMiddleware:
         )
         if "*" in vary:
             return None, []
-        seconds = _lifetime(cache_control, _get(headers, b"expires"), self.ttl)
+        seconds = _lifetime(
+            cache_control, _get(headers, b"expires"), self.ttl, self.cache.clock.time()
+        )
         return (None, []) if seconds is None else (seconds, vary)

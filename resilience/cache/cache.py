@@ -145,6 +145,11 @@ class TwoTierCache:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    @property
+    def clock(self) -> Clock:
+        """The clock this cache reads (injectable, e.g. a FakeClock in tests)."""
+        return self._clock
+
     def _kind(self, want_async: bool, method: str) -> None:
         """Sync methods need a sync Redis client, async ones an asyncio client."""
         remote = self.remote

@@ -343,6 +343,8 @@ class _Subscriber(threading.Thread):
 
     def _await_confirmations(self, pubsub: Any) -> None:
         pending = {self._tier.invalidate_channel, self._tier.loaded_channel}
+        # A real-time network deadline (not the cache's injectable clock, which a test may
+        # freeze): how long Redis gets to confirm the subscription.
         deadline = time.monotonic() + 5.0
         while pending:
             if time.monotonic() > deadline:

@@ -11,15 +11,13 @@ from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, cast
 import anyio
 
 from resilience._clock import SYSTEM_CLOCK, Clock, resolve
+from resilience._clock import monotonic as _monotonic
 from resilience.errors import RateLimited
 from resilience.limiter.bucket import Decision, Limit
 from resilience.limiter.memory import MemoryBackend, MemoryTable
 
 __all__ = ["Backend", "LimitGroup", "TokenBucket"]
 
-# A module global, read at call time: one C call on the hot path, and freezegun (which
-# patches module attributes bound to time.monotonic) still moves it.
-_monotonic = time.monotonic
 
 P = ParamSpec("P")
 R = TypeVar("R")
