@@ -13,10 +13,12 @@ from support.services import (
     pg_conn,
     pg_schema,
     postgres_dsn,
+    proxy,
     redis_client,
     redis_prefix,
     redis_url,
     require_asyncio,
+    throwaway,
 )
 
 from resilience.testing import FakeClock
@@ -29,10 +31,12 @@ __all__ = [
     "pg_conn",
     "pg_schema",
     "postgres_dsn",
+    "proxy",
     "redis_client",
     "redis_prefix",
     "redis_url",
     "require_asyncio",
+    "throwaway",
 ]
 
 

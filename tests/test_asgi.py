@@ -32,7 +32,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -1407,15 +1406,6 @@ def test_breaker_rules_per_route_group(serve: Callable[..., UvicornServer]) -> N
 
 
 # --- 7. a Redis outage under load --------------------------------------------------------
-
-
-@pytest.fixture
-def proxy(redis_url: str) -> Iterator[FaultProxy]:
-    target = urlsplit(redis_url)
-    if target.scheme != "redis" or target.hostname is None:
-        pytest.skip(f"FaultProxy needs a plain TCP Redis URL, not {target.scheme}://")
-    with FaultProxy(target.hostname, target.port or 6379) as p:
-        yield p
 
 
 def allowed(codes: list[int]) -> int:

@@ -37,7 +37,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
@@ -284,22 +283,6 @@ async def amake(
     for node in made:
         await node.cache.aclose()
         await node.client.aclose()
-
-
-@pytest.fixture
-def proxy(redis_url: str) -> Iterator[FaultProxy]:
-    target = urlsplit(redis_url)
-    if target.scheme != "redis" or target.hostname is None:
-        pytest.skip(f"FaultProxy needs a plain TCP Redis URL, not {target.scheme}://")
-    with FaultProxy(target.hostname, target.port or 6379) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A redis-server of this module's own: SCRIPT FLUSH, CLIENT KILL and MONITOR are fine."""
-    with RedisServer.start(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 # --- 1. cross-instance invalidation ----------------------------------------------------

@@ -25,7 +25,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta, timezone
-from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -103,22 +102,6 @@ def new_prefix() -> str:
 def prefix(redis_prefix: str) -> str:
     """This test's prefix on the shared Redis, as a RedisBackend prefix (no trailing ':')."""
     return redis_prefix.rstrip(":")
-
-
-@pytest.fixture
-def proxy(redis_url: str) -> Iterator[FaultProxy]:
-    target = urlsplit(redis_url)
-    if target.scheme != "redis" or target.hostname is None:
-        pytest.skip(f"FaultProxy needs a plain TCP Redis URL, not {target.scheme}://")
-    with FaultProxy(target.hostname, target.port or 6379) as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A redis-server of this module's own: SCRIPT FLUSH is allowed here."""
-    with RedisServer.start(tmp_path_factory.mktemp("redis")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,13 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from support.faultproxy import FaultProxy
+
 if TYPE_CHECKING:
     import psycopg
     from psycopg.rows import TupleRow
+
+    from support.redis_servers import RedisServer
 
 __all__ = [
     "DEFAULT_POSTGRES_DSN",
@@ -317,3 +321,23 @@ def pg_conn(postgres_dsn: str, pg_schema: str) -> Iterator[psycopg.Connection[Tu
         yield conn
     finally:
         conn.close()
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the shared Redis, for outage tests (cut, blackhole, delay)."""
+    target = urlsplit(redis_url)
+    if target.scheme != "redis" or target.hostname is None:
+        pytest.skip(f"FaultProxy needs a plain TCP Redis URL, not {target.scheme}://")
+    with FaultProxy(target.hostname, target.port or 6379) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def throwaway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the test module's own: SCRIPT FLUSH, CLIENT KILL, MONITOR and
+    CONFIG are fine there, never on the shared one."""
+    from support.redis_servers import RedisServer  # it imports this module: import late
+
+    with RedisServer.start(tmp_path_factory.mktemp("redis")) as server:
+        yield server
