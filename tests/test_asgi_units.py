@@ -52,3 +52,15 @@ async def test_rate_limit_fields_never_pile_up_on_a_reused_start_message() -> No
         assert names.count(b"ratelimit") == 1
         assert names.count(b"ratelimit-policy") == 1
     assert START["headers"] == [(b"content-type", b"text/plain")]
+
+
+def test_cache_parts_reject_bad_names_prefixes_and_statuses() -> None:
+    from resilience.integrations.asgi import ResponseCacheMiddleware
+
+    with pytest.raises(ValueError, match="name"):
+        rs.TwoTierCache(name="")
+    with pytest.raises(ValueError, match="prefix"):
+        ResponseCacheMiddleware(reusing_app, rs.TwoTierCache(), prefix="")
+    for bad in (["200"], [99], [True], []):
+        with pytest.raises(ValueError, match="statuses"):
+            ResponseCacheMiddleware(reusing_app, rs.TwoTierCache(), statuses=bad)  # type: ignore[arg-type]

@@ -162,11 +162,18 @@ class ResponseCacheMiddleware:
             raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
         if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
             raise ValueError(f"max_body must be an int >= 0, got {max_body!r}")
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"prefix must be a non-empty string, got {prefix!r}")
+        codes = frozenset(statuses)
+        if not codes or not all(
+            isinstance(c, int) and not isinstance(c, bool) and 100 <= c <= 599 for c in codes
+        ):
+            raise ValueError(f"statuses must be HTTP status codes (100-599), got {statuses!r}")
         self.app = app
         self.cache = cache
         self.ttl = float(ttl)
         self.max_body = max_body
-        self.statuses = frozenset(statuses)
+        self.statuses = codes
         self.prefix = prefix
         self._credentialed = _patterns(allow_credentials, "allow_credentials")
 

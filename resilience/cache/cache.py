@@ -111,6 +111,8 @@ class TwoTierCache:
             raise TypeError(f"local must be a LocalCache, got {type(local).__name__}")
         if remote is not None and not isinstance(remote, RedisCache):
             raise TypeError(f"remote must be a RedisCache or None, got {type(remote).__name__}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.policy = CachePolicy(
             ttl=ttl,
             jitter=jitter,
@@ -203,7 +205,7 @@ class TwoTierCache:
 
     # -- the plan: everything after a local miss, written once -----------------------------
 
-    def _fresh_from_remote(self, blob: Any, lkey: Hashable, rkey: str) -> Entry | None:
+    def _fresh_from_remote(self, blob: Any, rkey: str) -> Entry | None:
         """Decode a Redis reply into an entry on the monotonic clock (None: absent/corrupt)."""
         if blob is None or blob is UNAVAILABLE:
             return None
@@ -229,7 +231,7 @@ class TwoTierCache:
         ticket = self.local.ticket()
         locked_token: str | None = None
         if remote is not None:
-            entry = self._fresh_from_remote((yield (_GET, rkey)), lkey, rkey)
+            entry = self._fresh_from_remote((yield (_GET, rkey)), rkey)
             if entry is not None:
                 state = policy.freshness(entry, self._mono(), 1.0 - _random())
                 if state is Freshness.FRESH:
@@ -246,10 +248,10 @@ class TwoTierCache:
                 elif got is False:
                     # Another process loads it: wait for its notice (or its lease to end).
                     waiter = remote.waiter(rkey)
-                    entry = self._fresh_from_remote((yield (_GET, rkey)), lkey, rkey)
+                    entry = self._fresh_from_remote((yield (_GET, rkey)), rkey)
                     if entry is None or entry.fresh_until <= self._mono():
                         yield (_WAIT, waiter, self._lock_px / 1000)
-                        entry = self._fresh_from_remote((yield (_GET, rkey)), lkey, rkey)
+                        entry = self._fresh_from_remote((yield (_GET, rkey)), rkey)
                     if entry is not None and entry.fresh_until > self._mono():
                         self._fill_local(lkey, rkey, entry, ticket)
                         self._emit("hit", "remote", rkey)
@@ -400,9 +402,13 @@ class TwoTierCache:
                 if flight.error is LEADER_GONE:
                     continue
                 return flight.outcome()
-            return self._lead(
-                flight, lkey, lambda: self._run(self._plan(lkey, rkey, ttl, stale), loader)
-            )
+            try:
+                value = self._run(self._plan(lkey, rkey, ttl, stale), loader)
+            except BaseException as error:
+                self._land_error(lkey, flight, error)
+                raise
+            self._flights.land(lkey, flight, value)
+            return value
 
     async def _aload(
         self, lkey: Hashable, rkey: str, loader: Callable[[], Awaitable[Any]], ttl: float | None
@@ -428,15 +434,6 @@ class TwoTierCache:
                 raise
             self._flights.land(lkey, flight, value)
             return value
-
-    def _lead(self, flight: Flight, lkey: Hashable, work: Callable[[], Any]) -> Any:
-        try:
-            value = work()
-        except BaseException as error:
-            self._land_error(lkey, flight, error)
-            raise
-        self._flights.land(lkey, flight, value)
-        return value
 
     def _land_error(self, lkey: Hashable, flight: Flight, error: BaseException) -> None:
         # An exception reaches every waiter; a cancelled or killed leader hands the turn on.
@@ -485,7 +482,7 @@ class TwoTierCache:
         if value is not MISSING or self.remote is None:
             return default if value is MISSING else value
         ticket = self.local.ticket()
-        entry = self._fresh_from_remote(self.remote.guard.call(self.remote.get, key), key, key)
+        entry = self._fresh_from_remote(self.remote.guard.call(self.remote.get, key), key)
         return self._after_remote_get(key, entry, ticket, default)
 
     async def aget(self, key: str, default: Any = None) -> Any:
@@ -496,7 +493,7 @@ class TwoTierCache:
             return default if value is MISSING else value
         ticket = self.local.ticket()
         blob = await self.remote.guard.acall(self.remote.aget, key)
-        entry = self._fresh_from_remote(blob, key, key)
+        entry = self._fresh_from_remote(blob, key)
         return self._after_remote_get(key, entry, ticket, default)
 
     def _after_remote_get(self, key: str, entry: Entry | None, ticket: int, default: Any) -> Any:
