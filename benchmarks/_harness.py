@@ -439,3 +439,16 @@ def check_overhead_target(
 
 def print_target(target: TargetResult) -> None:
     print(target.line())
+
+
+class KeyCycle:
+    """Keys in turn; each take() continues where the last one stopped."""
+
+    def __init__(self, keys: Sequence[Any]) -> None:
+        self._keys = list(keys)
+        self._pos = 0
+
+    def take(self, n: int) -> list[Any]:
+        start, size = self._pos, len(self._keys)
+        self._pos = (start + n) % size
+        return (self._keys * ((start + n) // size + 1))[start : start + n]

@@ -38,6 +38,7 @@ import resilience as rs
 from benchmarks._harness import (
     AsyncLoop,
     Group,
+    KeyCycle,
     Settings,
     SyncLoop,
     TargetResult,
@@ -151,19 +152,6 @@ def aloop_1(fn: Callable[[int], Awaitable[object]], a: int) -> AsyncLoop:
     return loop
 
 
-class _Cycle:
-    """Keys in turn; each take() continues where the last one stopped."""
-
-    def __init__(self, keys: Sequence[Any]) -> None:
-        self._keys = list(keys)
-        self._pos = 0
-
-    def take(self, n: int) -> list[Any]:
-        start, size = self._pos, len(self._keys)
-        self._pos = (start + n) % size
-        return (self._keys * ((start + n) // size + 1))[start : start + n]
-
-
 class _Misses:
     """Reads that came back empty (None) during the timed loops, per case."""
 
@@ -181,7 +169,7 @@ class _Misses:
 
 def get_loop(fn: Callable[[Any], object], keys: Sequence[Any], name: str, m: _Misses) -> SyncLoop:
     """``fn(key)`` over ``keys`` in turn; a None result is counted, not timed apart."""
-    cycle = _Cycle(keys)
+    cycle = KeyCycle(keys)
     m.counts[name] = 0
 
     def loop(n: int) -> int:
@@ -201,7 +189,7 @@ def get_loop(fn: Callable[[Any], object], keys: Sequence[Any], name: str, m: _Mi
 def aget_loop(
     fn: Callable[[Any], Awaitable[object]], keys: Sequence[Any], name: str, m: _Misses
 ) -> AsyncLoop:
-    cycle = _Cycle(keys)
+    cycle = KeyCycle(keys)
     m.counts[name] = 0
 
     async def loop(n: int) -> int:

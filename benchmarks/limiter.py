@@ -32,6 +32,7 @@ import resilience as rs
 from benchmarks._harness import (
     AsyncLoop,
     Group,
+    KeyCycle,
     Settings,
     SyncLoop,
     TargetResult,
@@ -91,22 +92,9 @@ class BareBucket:
 # -- loops --------------------------------------------------------------------------------
 
 
-class _KeyCycle:
-    """Keys in turn; each take() continues where the last one stopped."""
-
-    def __init__(self, keys: Sequence[str]) -> None:
-        self._keys = list(keys)
-        self._pos = 0
-
-    def take(self, n: int) -> list[str]:
-        start, size = self._pos, len(self._keys)
-        self._pos = (start + n) % size
-        return (self._keys * ((start + n) // size + 1))[start : start + n]
-
-
 def key_loop(fn: Callable[[str], object], keys: Sequence[str]) -> SyncLoop:
     """``fn(key)`` n times; the key list is built before the clock starts."""
-    cycle = _KeyCycle(keys)
+    cycle = KeyCycle(keys)
 
     def loop(n: int) -> int:
         todo = cycle.take(n)
@@ -119,7 +107,7 @@ def key_loop(fn: Callable[[str], object], keys: Sequence[str]) -> SyncLoop:
 
 
 def akey_loop(fn: Callable[[str], Awaitable[object]], keys: Sequence[str]) -> AsyncLoop:
-    cycle = _KeyCycle(keys)
+    cycle = KeyCycle(keys)
 
     async def loop(n: int) -> int:
         todo = cycle.take(n)
@@ -131,13 +119,13 @@ def akey_loop(fn: Callable[[str], Awaitable[object]], keys: Sequence[str]) -> As
     return loop
 
 
-def _batches(cycle: _KeyCycle, n: int, size: int) -> list[list[str]]:
+def _batches(cycle: KeyCycle, n: int, size: int) -> list[list[str]]:
     return [cycle.take(size) for _ in range(max(1, -(-n // size)))]
 
 
 def batch_loop(fn: Callable[[list[str]], object], keys: Sequence[str], size: int) -> SyncLoop:
     """n decisions as whole batches of ``size``; the time is scaled to exactly n."""
-    cycle = _KeyCycle(keys)
+    cycle = KeyCycle(keys)
 
     def loop(n: int) -> int:
         batches = _batches(cycle, n, size)
@@ -153,7 +141,7 @@ def batch_loop(fn: Callable[[list[str]], object], keys: Sequence[str], size: int
 def abatch_loop(
     fn: Callable[[list[str]], Awaitable[object]], keys: Sequence[str], size: int
 ) -> AsyncLoop:
-    cycle = _KeyCycle(keys)
+    cycle = KeyCycle(keys)
 
     async def loop(n: int) -> int:
         batches = _batches(cycle, n, size)
