@@ -1,0 +1,56 @@
+"""A transactional outbox relayed to a broker through a circuit breaker.
+
+Write events with ``store.enqueue(conn, ...)`` in the same transaction as the business
+data; run an :class:`OutboxPublisher` (one or many, threads or processes) to relay them.
+SQLite is the embedded default; PostgreSQL needs ``resilience[postgres]``.
+"""
+
+from resilience.integrations.outbox._model import (
+    Backoff,
+    BrokerUnavailable,
+    DeadEvent,
+    EventRejected,
+    EventTooLarge,
+    Failure,
+    OutboxEvent,
+    OutboxStats,
+    RowFailure,
+    Status,
+)
+from resilience.integrations.outbox._store import OutboxStore
+from resilience.integrations.outbox.brokers import (
+    Broker,
+    HeldBack,
+    InMemoryBroker,
+    RedisStreamsBroker,
+    classify_with,
+)
+from resilience.integrations.outbox.inbox import Inbox
+from resilience.integrations.outbox.postgres import PostgresOutboxStore
+from resilience.integrations.outbox.publisher import BatchResult, OutboxPublisher, ReplayResult
+from resilience.integrations.outbox.sqlite import SqliteOutboxStore
+
+__all__ = [
+    "Backoff",
+    "BatchResult",
+    "Broker",
+    "BrokerUnavailable",
+    "DeadEvent",
+    "EventRejected",
+    "EventTooLarge",
+    "Failure",
+    "HeldBack",
+    "InMemoryBroker",
+    "Inbox",
+    "OutboxEvent",
+    "OutboxPublisher",
+    "OutboxStats",
+    "OutboxStore",
+    "PostgresOutboxStore",
+    "RedisStreamsBroker",
+    "ReplayResult",
+    "RowFailure",
+    "SqliteOutboxStore",
+    "Status",
+    "classify_with",
+]

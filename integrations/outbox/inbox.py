@@ -1,0 +1,110 @@
+"""Consumer-side dedupe for at-least-once delivery: an inbox table keyed by event id.
+
+The outbox may deliver an event more than once (a relay that published and then lost its
+lease, a broker that timed out after taking the message). A consumer records each event id
+in the same transaction as the work the event causes; a second delivery finds the id and
+is skipped, and a rolled-back attempt leaves no record, so the retry runs the work.
+
+>>> with conn:                                        # the consumer's transaction
+...     if inbox.first_time(conn, message["event_id"]):
+...         apply(message)
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from resilience.integrations.outbox._model import check_identifier, positive
+from resilience.integrations.outbox._store import read_ddl
+
+from resilience import _clock
+
+__all__ = ["Inbox"]
+
+
+class Inbox:
+    """Remembers which event ids a ``consumer`` has handled, per database connection.
+
+    Works on ``sqlite3`` and ``psycopg`` connections (sync), and ``psycopg``
+    async connections through the ``a``-prefixed methods. Never commits.
+    """
+
+    def __init__(
+        self,
+        *,
+        consumer: str = "default",
+        table: str = "resilience_inbox",
+        schema: str | None = None,
+        clock: _clock.Clock | None = None,
+    ) -> None:
+        if not isinstance(consumer, str) or not consumer:
+            raise ValueError(f"consumer must be a non-empty str, got {consumer!r}")
+        check_identifier("table", table)
+        if schema is not None:
+            check_identifier("schema", schema)
+        self.consumer = consumer
+        self.table = table
+        self.qualified = f"{schema}.{table}" if schema else table
+        self._clock = _clock.resolve(clock)
+
+    def __repr__(self) -> str:
+        return f"Inbox(consumer={self.consumer!r}, table={self.qualified!r})"
+
+    def _dialect(self, conn: object) -> str:
+        if isinstance(conn, sqlite3.Connection):
+            return "sqlite"
+        module = type(conn).__module__
+        if module.startswith("psycopg"):
+            return "postgres"
+        raise TypeError(f"conn must be a sqlite3 or psycopg connection, got {type(conn).__name__}")
+
+    def _sql(self, dialect: str) -> tuple[str, str]:
+        mark = "?" if dialect == "sqlite" else "%s"
+        insert = (
+            f"INSERT INTO {self.qualified} (consumer, event_id, received) "
+            f"VALUES ({mark}, {mark}, {mark}) ON CONFLICT DO NOTHING"
+        )
+        purge = f"DELETE FROM {self.qualified} WHERE consumer = {mark} AND received < {mark}"
+        return insert, purge
+
+    def _ddl(self, dialect: str) -> str:
+        name = "sqlite_inbox.sql" if dialect == "sqlite" else "postgres_inbox.sql"
+        return read_ddl(name, table=self.qualified, name=self.table)
+
+    def create_schema(self, conn: Any) -> None:
+        """Create the inbox table on ``conn`` (committed by the caller, or by sqlite3's
+        executescript, which commits first)."""
+        dialect = self._dialect(conn)
+        if dialect == "sqlite":
+            conn.executescript(self._ddl(dialect))
+        else:
+            conn.execute(self._ddl(dialect))
+
+    async def acreate_schema(self, conn: Any) -> None:
+        self._dialect(conn)
+        await conn.execute(self._ddl("postgres"))
+
+    def first_time(self, conn: Any, event_id: str) -> bool:
+        """Record ``event_id``; True if this consumer had not seen it before."""
+        insert, _ = self._sql(self._dialect(conn))
+        cursor = conn.execute(insert, (self.consumer, str(event_id), self._clock.time()))
+        return bool(cursor.rowcount == 1)
+
+    async def afirst_time(self, conn: Any, event_id: str) -> bool:
+        insert, _ = self._sql(self._dialect(conn))
+        cursor = await conn.execute(insert, (self.consumer, str(event_id), self._clock.time()))
+        return bool(cursor.rowcount == 1)
+
+    def purge(self, conn: Any, older_than: float) -> int:
+        """Forget ids recorded more than ``older_than`` seconds ago (longer than any
+        redelivery can take: the outbox lease plus the broker's own redelivery window)."""
+        _, purge = self._sql(self._dialect(conn))
+        cutoff = self._clock.time() - positive("older_than", older_than)
+        return int(conn.execute(purge, (self.consumer, cutoff)).rowcount)
+
+    async def apurge(self, conn: Any, older_than: float) -> int:
+        _, purge = self._sql(self._dialect(conn))
+        cutoff = self._clock.time() - positive("older_than", older_than)
+        cursor = await conn.execute(purge, (self.consumer, cutoff))
+        return int(cursor.rowcount)

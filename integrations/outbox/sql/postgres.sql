@@ -1,0 +1,38 @@
+-- The outbox table for PostgresOutboxStore. {table} is the (schema-qualified) table name,
+-- {name} the bare name and {channel} the LISTEN/NOTIFY channel.
+-- Times are Unix seconds (double precision): the database clock unless the store was
+-- given a clock, so relays on hosts with skewed clocks agree on leases.
+CREATE TABLE IF NOT EXISTS {table} (
+    id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id      uuid             NOT NULL UNIQUE,
+    topic         text             NOT NULL,
+    key           text,
+    payload       json             NOT NULL,
+    headers       json             NOT NULL DEFAULT '{}',
+    created       double precision NOT NULL,
+    available_at  double precision NOT NULL,
+    attempts      integer          NOT NULL DEFAULT 0,
+    last_error    text,
+    status        text             NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'published', 'dead')),
+    lease_owner   text,
+    lease_until   double precision,
+    published_at  double precision
+);
+-- The claim scans pending rows in id order and checks each key's earlier rows.
+CREATE INDEX IF NOT EXISTS {name}_pending ON {table} (id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS {name}_pending_key ON {table} (key, id) WHERE status = 'pending';
+-- Retention deletes published rows oldest first; operators list dead rows.
+CREATE INDEX IF NOT EXISTS {name}_published ON {table} (published_at) WHERE status = 'published';
+CREATE INDEX IF NOT EXISTS {name}_dead ON {table} (id) WHERE status = 'dead';
+-- A wake-up hint for idle relays: one notification per inserting statement, merged per
+-- transaction by PostgreSQL. Relays poll anyway, so a lost hint only costs latency.
+CREATE OR REPLACE FUNCTION {table}_notify() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM pg_notify('{channel}', '');
+    RETURN NULL;
+END
+$fn$;
+DROP TRIGGER IF EXISTS {name}_notify ON {table};
+CREATE TRIGGER {name}_notify AFTER INSERT ON {table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {table}_notify();
