@@ -122,8 +122,11 @@ class SqlStore(abc.ABC):
     # -- what a dialect provides ---------------------------------------------------------
 
     @abc.abstractmethod
-    def _transaction(self, *, claim: bool = False) -> AbstractContextManager[Tx]:
-        """A transaction; ``claim=True`` also serializes it against other claims."""
+    def _transaction(
+        self, *, claim: bool = False, read: bool = False
+    ) -> AbstractContextManager[Tx]:
+        """A transaction; ``claim=True`` also serializes it against other claims, and
+        ``read=True`` promises it writes nothing (SQLite then takes no write lock)."""
 
     def _now(self) -> float | None:
         """The time to stamp, or ``None`` for the database's own clock."""
@@ -254,7 +257,7 @@ class SqlStore(abc.ABC):
     def dead(self, *, topic: str | None = None, limit: int = 100) -> list[DeadEvent]:
         """Dead rows, oldest first."""
         positive_int("limit", limit)
-        with self._transaction() as tx:
+        with self._transaction(read=True) as tx:
             rows = tx.fetch(self.sql["dead"], {"topic": topic, "limit": limit})
         return [
             DeadEvent(int(r[0]), str(r[1]), r[2], r[3], int(r[4]), r[5], float(r[6])) for r in rows
@@ -282,7 +285,7 @@ class SqlStore(abc.ABC):
 
     def stats(self) -> OutboxStats:
         """Pending, in flight, dead, oldest pending age and blocked keys, in one read."""
-        with self._transaction() as tx:
+        with self._transaction(read=True) as tx:
             row = tx.fetch(self.sql["stats"], {"now": self._now()})[0]
         return OutboxStats(
             pending=int(row[0] or 0),

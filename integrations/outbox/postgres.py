@@ -232,7 +232,7 @@ class PostgresOutboxStore(SqlStore):
         return f"PostgresOutboxStore(table={self.qualified!r})"
 
     @contextmanager
-    def _transaction(self, *, claim: bool = False) -> Iterator[_PgTx]:
+    def _transaction(self, *, claim: bool = False, read: bool = False) -> Iterator[_PgTx]:
         with self._pool.connection() as conn, conn.transaction():
             if claim:
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_id,), prepare=True)

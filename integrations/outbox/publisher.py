@@ -203,14 +203,17 @@ class OutboxPublisher:
             text = f"{kind.value}: {type(error).__name__}: {error}"
             delay = 0.0 if dead else self.backoff.delay(attempts, self._random)
             plan.failures.append(RowFailure(event.id, text, delay, dead))
-            if dead:
-                log.warning(
-                    "outbox %s: event %s is dead after %d attempts: %s",
-                    self.name,
-                    event.event_id,
-                    attempts,
-                    text,
-                )
+        dead_rows = [f for f in plan.failures if f.dead]
+        if dead_rows:
+            # One line a batch: a poisoned topic must not flood the log.
+            log.warning(
+                "outbox %s: %d event(s) dead after %d attempts; row %d: %s",
+                self.name,
+                len(dead_rows),
+                self.max_attempts,
+                dead_rows[0].id,
+                dead_rows[0].error,
+            )
         return plan
 
     def _result(

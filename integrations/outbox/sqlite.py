@@ -140,11 +140,11 @@ class SqliteOutboxStore(SqlStore):
         return f"SqliteOutboxStore({self.path!r}, table={self.table!r})"
 
     def _connect(self) -> sqlite3.Connection:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
-        if self._closed:
-            raise RuntimeError(f"{self!r} is closed")
         # Autocommit mode: this module says where every transaction begins and ends.
         conn = sqlite3.connect(
             self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
@@ -157,11 +157,11 @@ class SqliteOutboxStore(SqlStore):
         return conn
 
     @contextmanager
-    def _transaction(self, *, claim: bool = False) -> Iterator[_SqliteTx]:
+    def _transaction(self, *, claim: bool = False, read: bool = False) -> Iterator[_SqliteTx]:
         conn = self._connect()
-        # IMMEDIATE takes the write lock up front, so a claim never has to upgrade a read
+        # IMMEDIATE takes the write lock up front, so a writer never has to upgrade a read
         # lock (which is where SQLite deadlocks and returns SQLITE_BUSY at once).
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN" if read else "BEGIN IMMEDIATE")
         try:
             yield _SqliteTx(conn)
         except BaseException:
