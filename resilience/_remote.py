@@ -74,6 +74,10 @@ class RemoteGuard:
         self._listeners = listeners
         self._last_error: BaseException | None = None
         self._reported_available = True
+        # Plain counters for metrics, read at scrape time. A lost increment under a race
+        # costs one count in a figure that only ever grows during outages.
+        self.errors = 0
+        self.fallbacks = 0
         self.breaker = breaker or CircuitBreaker(
             f"backend:{name}",
             failure_threshold=3,
@@ -85,6 +89,10 @@ class RemoteGuard:
             raise TypeError(f"breaker must be a CircuitBreaker, got {type(breaker).__name__}")
         # State changes only: the breaker keeps its lock-free path for healthy calls.
         self.breaker.add_listener(self._on_breaker_event, only=(StateChanged,))
+
+    def add_listener(self, listener: Listener[BackendStateChanged]) -> None:
+        """Hear of every outage and recovery (one event each)."""
+        self._listeners.append(listener)
 
     @property
     def available(self) -> bool:
@@ -123,6 +131,7 @@ class RemoteGuard:
             return fn(*args)
         except self._errors as error:
             self._last_error = error
+            self.errors += 1
             raise
 
     async def _anoting(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -130,12 +139,14 @@ class RemoteGuard:
             return await fn(*args)
         except self._errors as error:
             self._last_error = error
+            self.errors += 1
             raise
 
     def call(self, fn: Callable[..., T], *args: Any) -> T | Literal[_Unavailable.UNAVAILABLE]:
         try:
             return self.breaker.call(self._noting, fn, *args)
         except self._unavailable:
+            self.fallbacks += 1
             return UNAVAILABLE
 
     async def acall(
@@ -144,6 +155,7 @@ class RemoteGuard:
         try:
             return await self.breaker.acall(self._anoting, fn, *args)
         except self._unavailable:
+            self.fallbacks += 1
             return UNAVAILABLE
 
 

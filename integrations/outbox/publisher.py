@@ -71,6 +71,10 @@ class BatchResult:
     outage: BaseException | None = None
     #: Rows the store no longer let this relay write back (its lease had run out).
     fenced: int = 0
+    #: Failures by class: rows that met an outage, poison, or an unknown error.
+    outages: int = 0
+    poison: int = 0
+    unknown: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,7 @@ class _Plan:
     held: list[int] = dataclasses.field(default_factory=list)
     failures: list[RowFailure] = dataclasses.field(default_factory=list)
     outage: BaseException | None = None
+    poison: int = 0
 
 
 _HOST: Final = socket.gethostname()
@@ -98,7 +103,8 @@ class OutboxPublisher:
     ``batch_size`` rows per claim, leased for ``lease`` seconds (keep it well above the
     broker's timeout). A poison or unknown failure backs off by ``backoff`` and goes dead
     on the ``max_attempts``-th failure. ``run()`` polls every ``min_poll`` seconds while
-    there is work and backs off to ``max_poll`` when idle.
+    there is work and backs off to ``max_poll`` when idle; with listeners, it reads
+    :meth:`stats` every ``stats_interval`` seconds for them.
     """
 
     def __init__(
@@ -113,6 +119,7 @@ class OutboxPublisher:
         lease: float = 30.0,
         min_poll: float = 0.05,
         max_poll: float = 2.0,
+        stats_interval: float | None = 15.0,
         name: str = "outbox",
         listeners: Iterable[Listener[Any]] = (),
         clock: _clock.Clock | None = None,
@@ -146,6 +153,9 @@ class OutboxPublisher:
         self.max_poll = positive("max_poll", max_poll)
         if self.max_poll < self.min_poll:
             raise ValueError("max_poll must be >= min_poll")
+        self.stats_interval = (
+            None if stats_interval is None else positive("stats_interval", stats_interval)
+        )
         self._clock = _clock.resolve(clock)
         self.breaker = breaker or CircuitBreaker(
             f"outbox:{name}", failure_threshold=3, recovery_timeout=5.0, clock=clock
@@ -198,6 +208,7 @@ class OutboxPublisher:
                 plan.released.append(event.id)
                 plan.outage = plan.outage or error
                 continue
+            plan.poison += kind is Failure.POISON
             attempts = event.attempts + 1
             dead = attempts >= self.max_attempts
             text = f"{kind.value}: {type(error).__name__}: {error}"
@@ -231,6 +242,9 @@ class OutboxPublisher:
             outage=plan.outage,
             retry_after=self.breaker.retry_after if plan.outage is not None else 0.0,
             fenced=expected - written,
+            outages=len(plan.released),
+            poison=plan.poison,
+            unknown=len(plan.failures) - plan.poison,
         )
 
     def _outage_delay(self, plan: _Plan) -> float:
@@ -338,8 +352,15 @@ class OutboxPublisher:
         """Publish until cancelled. On cancellation the batch in hand is given back."""
         idle = self.min_poll
         waker = _Waker.for_store(self.store, self._clock)
+        next_stats = self._clock.monotonic()
         try:
             while True:
+                if self._events and self.stats_interval and self._clock.monotonic() >= next_stats:
+                    next_stats = self._clock.monotonic() + self.stats_interval
+                    try:
+                        await self.astats()
+                    except Exception as error:  # figures are best effort; the relay goes on
+                        log.warning("outbox %s: stats failed: %s", self.name, error)
                 result = await self.arun_once()
                 pause, idle = self._pause(result, idle)
                 if pause > 0:
@@ -352,7 +373,14 @@ class OutboxPublisher:
         """Publish from this thread until ``stop`` (or :meth:`stop`) is set."""
         stop_event = stop or self._stop
         idle = self.min_poll
+        next_stats = self._clock.monotonic()
         while not stop_event.is_set():
+            if self._events and self.stats_interval and self._clock.monotonic() >= next_stats:
+                next_stats = self._clock.monotonic() + self.stats_interval
+                try:
+                    self.stats()
+                except Exception as error:  # figures are best effort; the relay goes on
+                    log.warning("outbox %s: stats failed: %s", self.name, error)
             result = self.run_once()
             pause, idle = self._pause(result, idle)
             if pause > 0:

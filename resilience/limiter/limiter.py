@@ -6,17 +6,29 @@ import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, cast
 
 import anyio
 
 from resilience._clock import SYSTEM_CLOCK, Clock, resolve
 from resilience._clock import monotonic as _monotonic
+from resilience._events import Dispatcher, Listener
 from resilience.errors import RateLimited
 from resilience.limiter.bucket import Decision, Limit
 from resilience.limiter.memory import MemoryBackend, MemoryTable
 
-__all__ = ["Backend", "LimitGroup", "TokenBucket"]
+__all__ = ["Backend", "LimitGroup", "LimiterDecision", "TokenBucket"]
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterDecision:
+    """One decision, for listeners (metrics). ``limiter`` is the limiter's name."""
+
+    limiter: str
+    key: str
+    cost: float
+    decision: Decision
 
 
 P = ParamSpec("P")
@@ -77,10 +89,32 @@ class _Limiter:
         )
         # A cost of exactly 1 needs no check when every capacity holds a whole token.
         self._unit_ok = min(limit.capacity for limit in limits) >= 1
-        # One in-memory limit: call its table directly (the hot path).
-        self._single: MemoryTable | None = (
+        # One in-memory limit: call its table directly (the hot path). Listeners take the
+        # general path, so a limiter nobody listens to pays nothing for the hook.
+        self._fast: MemoryTable | None = (
             self._tables[0] if len(tables) == 1 and isinstance(backend, MemoryBackend) else None
         )
+        self._single: MemoryTable | None = self._fast
+        self._events: Dispatcher[LimiterDecision] = Dispatcher()
+        self.name = ""
+
+    def add_listener(self, listener: Listener[LimiterDecision]) -> None:
+        """Call ``listener(LimiterDecision)`` after every decision."""
+        self._events.add(listener)
+        self._single = None
+
+    def remove_listener(self, listener: Listener[LimiterDecision]) -> None:
+        self._events.remove(listener)
+        if not self._events:
+            self._single = self._fast
+
+    def _emit(self, key: str, cost: float, decision: Decision) -> None:
+        self._events.queue.append(LimiterDecision(self.name, key, cost, decision))
+        self._events.drain()
+
+    async def _aemit(self, key: str, cost: float, decision: Decision) -> None:
+        self._events.queue.append(LimiterDecision(self.name, key, cost, decision))
+        await self._events.adrain()
 
     def _cost(self, cost: float) -> float:
         for limit in self.limits:
@@ -98,6 +132,8 @@ class _Limiter:
         if single is not None:
             return single.decide(key, cost, now)
         decision: Decision = self.backend.decide(self._tables, key, cost, now)
+        if self._events:
+            self._emit(key, cost, decision)
         return decision
 
     async def atry_acquire(self, key: str, cost: float = 1) -> Decision:
@@ -110,6 +146,8 @@ class _Limiter:
         if single is not None:
             return single.decide(key, cost, now)
         decision: Decision = await self.backend.adecide(self._tables, key, cost, now)
+        if self._events:
+            await self._aemit(key, cost, decision)
         return decision
 
     def acquire(self, key: str, cost: float = 1, timeout: float | None = None) -> Decision:
@@ -152,18 +190,26 @@ class _Limiter:
 
     def try_acquire_many(self, items: Iterable[str | tuple[str, float]]) -> list[Decision]:
         """Decide many requests in one round trip (Redis: one pipeline). Each is separate."""
-        return cast(
+        pairs = self._items(items)
+        decisions = cast(
             "list[Decision]",
-            self.backend.decide_many(self._tables, self._items(items), self._clock.monotonic()),
+            self.backend.decide_many(self._tables, pairs, self._clock.monotonic()),
         )
+        if self._events:
+            for (key, cost), decision in zip(pairs, decisions, strict=True):
+                self._emit(key, cost, decision)
+        return decisions
 
     async def atry_acquire_many(self, items: Iterable[str | tuple[str, float]]) -> list[Decision]:
-        return cast(
+        pairs = self._items(items)
+        decisions = cast(
             "list[Decision]",
-            await self.backend.adecide_many(
-                self._tables, self._items(items), self._clock.monotonic()
-            ),
+            await self.backend.adecide_many(self._tables, pairs, self._clock.monotonic()),
         )
+        if self._events:
+            for (key, cost), decision in zip(pairs, decisions, strict=True):
+                await self._aemit(key, cost, decision)
+        return decisions
 
     def limit(
         self,
@@ -235,7 +281,9 @@ class TokenBucket(_Limiter):
         store: Any = backend if backend is not None else MemoryBackend()
         if not callable(getattr(store, "table", None)):
             raise TypeError(f"backend must be a MemoryBackend or RedisBackend, got {store!r}")
-        super().__init__([limit], [store.table(self.name, limit)], store, clock)
+        name = self.name
+        super().__init__([limit], [store.table(name, limit)], store, clock)
+        self.name = name
 
     @property
     def rate(self) -> float:
@@ -273,3 +321,4 @@ class LimitGroup(_Limiter):
             [b.limit_spec for b in buckets], tables, backend, clock or buckets[0]._clock
         )
         self.buckets = buckets
+        self.name = "+".join(names)

@@ -1,0 +1,276 @@
+"""Metrics are scraped as text after real operations and parsed with prometheus-client's own
+parser; every test has a fresh registry."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from resilience.integrations.outbox import InMemoryBroker, OutboxPublisher, SqliteOutboxStore
+from support.faultproxy import FaultProxy
+
+import resilience as rs
+from resilience.metrics import Metrics
+from resilience.testing import FakeClock
+
+OUTAGE = {"class": "outage"}
+POISON = {"class": "poison"}
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as {(name, sorted labels): value}, through the text format and back."""
+    text = generate_latest(registry).decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+          **labels: str) -> float:  # fmt: skip
+    return samples[("resilience_" + name, tuple(sorted(labels.items())))]
+
+
+def test_importing_registers_nothing() -> None:
+    code = (
+        "import prometheus_client, resilience, resilience.metrics;"
+        "from prometheus_client import REGISTRY, generate_latest;"
+        "print(b'resilience_' in generate_latest(REGISTRY))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_every_name_follows_prometheus_conventions(registry: CollectorRegistry) -> None:
+    metrics = Metrics(registry)
+    metrics.watch(rs.CircuitBreaker("b"), rs.TokenBucket(rate=1.0, capacity=1))
+    text = generate_latest(registry).decode()
+    families = list(text_string_to_metric_families(text))
+    assert families
+    for family in families:
+        assert family.name.startswith("resilience_"), family.name
+        for sample in family.samples:
+            if family.type == "counter":
+                assert sample.name.endswith(("_total", "_created")), sample.name
+            if family.type == "histogram":
+                assert family.name.endswith("_seconds"), family.name
+
+
+def test_breaker_state_is_there_from_the_start_and_follows_the_breaker(
+    registry: CollectorRegistry, clock: FakeClock
+) -> None:
+    breaker = rs.CircuitBreaker("payments", failure_threshold=2, recovery_timeout=5.0, clock=clock)
+    Metrics(registry).watch(breaker)
+    samples = scrape(registry)
+    assert value(samples, "breaker_state", breaker="payments", state="closed") == 1
+    assert value(samples, "breaker_state", breaker="payments", state="open") == 0
+
+    @breaker
+    def call(fail: bool) -> str:
+        clock.advance(0.02)
+        if fail:
+            raise ConnectionError("down")
+        return "ok"
+
+    call(False)
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            call(True)
+    for _ in range(3):
+        with pytest.raises(rs.CircuitOpenError):
+            call(False)
+    samples = scrape(registry)
+    assert value(samples, "breaker_state", breaker="payments", state="open") == 1
+    assert value(samples, "breaker_state", breaker="payments", state="closed") == 0
+    assert value(samples, "breaker_calls_total", breaker="payments", outcome="success") == 1
+    assert value(samples, "breaker_calls_total", breaker="payments", outcome="failure") == 2
+    assert value(samples, "breaker_rejected_total", breaker="payments") == 3
+    transitions = {"breaker": "payments", "from_state": "closed", "to_state": "open"}
+    assert value(samples, "breaker_transitions_total", **transitions) == 1
+    assert value(samples, "breaker_call_duration_seconds_count", breaker="payments") == 3
+    assert (
+        value(samples, "breaker_call_duration_seconds_bucket", breaker="payments", le="0.025") == 3
+    )
+
+
+def test_limiter_decisions_are_counted_by_limiter_never_by_key(
+    registry: CollectorRegistry, clock: FakeClock
+) -> None:
+    limiter = rs.TokenBucket(rate=1.0, capacity=3, name="api", clock=clock)
+    Metrics(registry).watch(limiter)
+    for user in range(50):
+        limiter.try_acquire(f"user:{user % 2}")
+    samples = scrape(registry)
+    assert value(samples, "limiter_decisions_total", limiter="api", decision="allowed") == 6
+    assert value(samples, "limiter_decisions_total", limiter="api", decision="denied") == 44
+    assert not any("user:" in str(labels) for _, labels in samples)
+
+
+@pytest.mark.anyio
+async def test_async_and_batched_decisions_count_too(
+    registry: CollectorRegistry, clock: FakeClock
+) -> None:
+    shared = rs.MemoryBackend()
+    group = rs.LimitGroup(
+        rs.TokenBucket(rate=1.0, capacity=2, name="second", backend=shared, clock=clock),
+        rs.TokenBucket(rate=1.0, capacity=100, name="hour", backend=shared, clock=clock),
+    )
+    Metrics(registry).watch(group)
+    await group.atry_acquire("k")
+    group.try_acquire_many(["k", "k"])
+    samples = scrape(registry)
+    labels = {"limiter": "second+hour"}
+    assert value(samples, "limiter_decisions_total", decision="allowed", **labels) == 2
+    assert value(samples, "limiter_decisions_total", decision="denied", **labels) == 1
+
+
+def test_a_watched_limiter_keeps_deciding_the_same(clock: FakeClock) -> None:
+    plain = rs.TokenBucket(rate=2.0, capacity=5, clock=clock)
+    watched = rs.TokenBucket(rate=2.0, capacity=5, clock=clock)
+    Metrics(CollectorRegistry()).watch(watched)
+    for step in range(40):
+        clock.advance(0.13 * (step % 3))
+        assert plain.try_acquire("k") == watched.try_acquire("k")
+
+
+@pytest.mark.redis
+def test_a_redis_backend_outage_shows_in_the_metrics(
+    registry: CollectorRegistry, proxy: FaultProxy, redis_prefix: str
+) -> None:
+    client = redis.Redis(host=proxy.host, port=proxy.port)
+    backend = rs.RedisBackend(client, prefix=redis_prefix, timeout=0.2, on_error="fail_open")
+    limiter = rs.TokenBucket(rate=10.0, capacity=10, backend=backend, name="edge")
+    Metrics(registry).watch(limiter)
+    name = f"redis:{redis_prefix}"
+    assert limiter.try_acquire("k").allowed
+    assert value(scrape(registry), "backend_available", backend=name,
+                 on_error="fail_open") == 1  # fmt: skip
+    proxy.cut()
+    for _ in range(10):
+        assert limiter.try_acquire("k").allowed  # fail open
+    samples = scrape(registry)
+    assert value(samples, "backend_available", backend=name, on_error="fail_open") == 0
+    assert value(samples, "backend_outages_total", backend=name) == 1
+    assert value(samples, "backend_errors_total", backend=name) == 3
+    assert value(samples, "backend_fallbacks_total", backend=name) == 10
+    breaker = f"backend:{name}"
+    assert value(samples, "breaker_state", breaker=breaker, state="open") == 1
+    backend.close()
+    client.close()
+
+
+def test_cache_hits_misses_and_loads_by_tier(registry: CollectorRegistry) -> None:
+    cache = rs.TwoTierCache(local=rs.LocalCache(max_entries=100, ttl=30.0), ttl=60.0, name="users")
+    Metrics(registry).watch(cache)
+    loads = 0
+
+    def load() -> str:
+        nonlocal loads
+        loads += 1
+        return "v"
+
+    for _ in range(5):
+        cache.get_or_load("a", load)
+    cache.get_or_load("b", load)
+
+    def broken() -> str:
+        raise RuntimeError("db down")
+
+    with pytest.raises(RuntimeError):
+        cache.get_or_load("c", broken)
+    samples = scrape(registry)
+    assert value(samples, "cache_hits_total", cache="users", tier="local") == 4
+    assert value(samples, "cache_misses_total", cache="users", tier="local") == 3
+    assert value(samples, "cache_loads_total", cache="users") == 3
+    assert value(samples, "cache_load_errors_total", cache="users") == 1
+    assert value(samples, "cache_load_duration_seconds_count", cache="users") == 2
+    assert loads == 2
+
+
+@pytest.fixture
+def outbox(
+    tmp_path: Path, clock: FakeClock
+) -> Iterator[tuple[SqliteOutboxStore, sqlite3.Connection]]:
+    store = SqliteOutboxStore(tmp_path / "app.db", clock=clock)
+    store.create_schema()
+    conn = sqlite3.connect(tmp_path / "app.db")
+    yield store, conn
+    conn.close()
+    store.close()
+
+
+def test_outbox_figures_through_an_outage(
+    registry: CollectorRegistry,
+    clock: FakeClock,
+    outbox: tuple[SqliteOutboxStore, sqlite3.Connection],
+) -> None:
+    store, conn = outbox
+    broker = InMemoryBroker()
+    breaker = rs.CircuitBreaker("broker", failure_threshold=2, recovery_timeout=5.0, clock=clock)
+    pub = OutboxPublisher(store, broker=broker, breaker=breaker, name="orders", clock=clock,
+                          batch_size=10)  # fmt: skip
+    Metrics(registry).watch(pub)
+    with conn:
+        for i in range(6):
+            store.enqueue(conn, topic="t", key=f"k{i % 2}", payload=i)
+    with broker.outage():
+        for _ in range(4):
+            pub.run_once()
+        clock.advance(3.0)
+        pub.stats()
+        samples = scrape(registry)
+    assert value(samples, "outbox_pending", outbox="orders") == 6
+    assert value(samples, "outbox_oldest_pending_age_seconds", outbox="orders") == 3.0
+    assert value(samples, "outbox_blocked_keys", outbox="orders") == 2
+    assert value(samples, "outbox_failures_total", outbox="orders", **OUTAGE) == 12
+    assert value(samples, "outbox_breaker_open_polls_total", outbox="orders") == 2
+    assert value(samples, "breaker_state", breaker="broker", state="open") == 1
+    clock.advance(5.0)
+    for _ in range(4):
+        pub.run_once()
+    pub.stats()
+    samples = scrape(registry)
+    assert value(samples, "outbox_published_total", outbox="orders") == 6
+    assert value(samples, "outbox_pending", outbox="orders") == 0
+    assert value(samples, "breaker_state", breaker="broker", state="closed") == 1
+    broker.reject(lambda e: True)
+    with conn:
+        store.enqueue(conn, topic="t", payload="bad")
+    pub.max_attempts = 1
+    pub.run_once()
+    pub.stats()
+    samples = scrape(registry)
+    assert value(samples, "outbox_died_total", outbox="orders") == 1
+    assert value(samples, "outbox_dead", outbox="orders") == 1
+    assert value(samples, "outbox_failures_total", outbox="orders", **POISON) == 1
+
+
+def test_watch_refuses_what_it_cannot_watch(registry: CollectorRegistry) -> None:
+    with pytest.raises(TypeError, match="watch"):
+        Metrics(registry).watch(object())
+    with pytest.raises(TypeError, match="registry"):
+        Metrics(object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="namespace"):
+        Metrics(CollectorRegistry(), namespace="no spaces")
+
+
+def test_watching_twice_is_harmless(registry: CollectorRegistry) -> None:
+    breaker = rs.CircuitBreaker("b")
+    metrics = Metrics(registry)
+    metrics.watch(breaker, breaker)
+    metrics.watch(breaker)
+    breaker.call(lambda: None)
+    assert value(scrape(registry), "breaker_calls_total", breaker="b", outcome="success") == 1
