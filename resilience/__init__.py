@@ -16,6 +16,7 @@ from resilience.breaker import (
     FailureRate,
     Outcome,
     Permit,
+    RedisBreakerStore,
     SlowCallRate,
     StateChanged,
 )
@@ -34,6 +35,7 @@ from resilience.errors import CircuitOpenError, RateLimited, ResilienceError
 from resilience.limiter import (
     Decision,
     Limit,
+    LimiterDecision,
     LimitGroup,
     MemoryBackend,
     RedisBackend,
@@ -59,6 +61,7 @@ __all__ = [
     "JsonSerializer",
     "Limit",
     "LimitGroup",
+    "LimiterDecision",
     "LocalCache",
     "MemoryBackend",
     "MsgpackSerializer",
@@ -68,6 +71,7 @@ __all__ = [
     "PickleSerializer",
     "RateLimited",
     "RedisBackend",
+    "RedisBreakerStore",
     "RedisCache",
     "ResilienceError",
     "SerializationError",

@@ -14,6 +14,7 @@ from resilience.breaker.policy import (
     StateChanged,
     Trigger,
 )
+from resilience.breaker.store import RedisBreakerStore
 
 __all__ = [
     "TRANSITIONS",
@@ -27,6 +28,7 @@ __all__ = [
     "FailureRate",
     "Outcome",
     "Permit",
+    "RedisBreakerStore",
     "SlowCallRate",
     "StateChanged",
     "Trigger",

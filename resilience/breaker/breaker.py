@@ -162,7 +162,10 @@ class CircuitBreaker:
         fail_on_result: Callable[[Any], bool] | None = None,
         listeners: Iterable[Listener[BreakerEvent]] = (),
         clock: Clock | None = None,
+        store: Any = None,
     ) -> None:
+        if store is not None and not callable(getattr(store, "attach", None)):
+            raise TypeError(f"store must be a RedisBreakerStore, got {type(store).__name__}")
         if failure_threshold is _UNSET:
             # A rate rule replaces the consecutive count unless both are asked for.
             rates = failure_rate is not None or slow_call_rate is not None
@@ -199,6 +202,9 @@ class CircuitBreaker:
         _ALL.add(self)
         if _forced_closed_for_tests:
             self.force_closed()
+        self.store = store
+        if store is not None:
+            store.attach(self)
 
     @property
     def name(self) -> str:

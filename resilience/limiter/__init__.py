@@ -1,7 +1,7 @@
 """Token-bucket rate limiting: pure bucket math, in-memory and Redis backends, shells."""
 
 from resilience.limiter.bucket import Decision, Limit
-from resilience.limiter.limiter import Backend, LimitGroup, TokenBucket
+from resilience.limiter.limiter import Backend, LimiterDecision, LimitGroup, TokenBucket
 from resilience.limiter.memory import MemoryBackend
 from resilience.limiter.redis import RedisBackend
 
@@ -10,6 +10,7 @@ __all__ = [
     "Decision",
     "Limit",
     "LimitGroup",
+    "LimiterDecision",
     "MemoryBackend",
     "RedisBackend",
     "TokenBucket",
