@@ -274,3 +274,33 @@ def test_watching_twice_is_harmless(registry: CollectorRegistry) -> None:
     metrics.watch(breaker)
     breaker.call(lambda: None)
     assert value(scrape(registry), "breaker_calls_total", breaker="b", outcome="success") == 1
+
+
+def test_the_grafana_dashboard_queries_metrics_that_exist(
+    registry: CollectorRegistry, tmp_path: Path, clock: FakeClock
+) -> None:
+    import json
+    import re
+
+    store = SqliteOutboxStore(tmp_path / "a.db", clock=clock)
+    store.create_schema()
+    pub = OutboxPublisher(store, broker=InMemoryBroker(), clock=clock)
+    cache = rs.TwoTierCache(local=rs.LocalCache(max_entries=10, ttl=1.0), ttl=1.0)
+    # Built, never called: watching it needs no server.
+    backend = rs.RedisBackend(redis.Redis(port=1), prefix="unused")
+    Metrics(registry).watch(pub, cache, rs.TokenBucket(rate=1.0, capacity=1, backend=backend))
+    pub.stats()
+    exposed = {name for name, _ in scrape(registry)}
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "docs/grafana-dashboard.json").read_text()
+    )
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"resilience_[a-z_]+", target["expr"])
+    }
+    assert queried
+    assert queried - exposed == set()
+    store.close()
+    backend.close()
