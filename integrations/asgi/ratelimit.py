@@ -87,7 +87,7 @@ def _policy(name: str, limiter: Limiter, capacity: int) -> bytes:
     for candidate in limiter.limits:  # the group member that bounds this decision
         if int(candidate.capacity) == capacity:
             limit = candidate
-    window = max(1, math.ceil(limit.fill_time))
+    window = max(1, math.ceil(limit.fill_time - 1e-9))
     return f'"{name}";q={int(limit.capacity)};w={window}'.encode()
 
 
@@ -97,7 +97,8 @@ def ratelimit_headers(
     """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10)."""
     if policy is None:
         policy = _policy(name, limiter, decision.limit)
-    reset = max(0, math.ceil(decision.reset_after))
+    # Float sums like 999.9 + 0.1 land a hair above a whole second: do not round that up.
+    reset = max(0, math.ceil(decision.reset_after - 1e-9))
     current = f'"{name}";r={max(0, decision.remaining)};t={reset}'.encode()
     return [(b"ratelimit-policy", policy), (b"ratelimit", current)]
 

@@ -30,6 +30,23 @@ from resilience.integrations.outbox.postgres import PostgresOutboxStore
 from resilience.integrations.outbox.publisher import BatchResult, OutboxPublisher, ReplayResult
 from resilience.integrations.outbox.sqlite import SqliteOutboxStore
 
+# The RabbitMQ and NATS adapters import their client libraries (extras), so they load
+# only when asked for.
+_LAZY = {
+    "RabbitMQBroker": "resilience.integrations.outbox.rabbitmq",
+    "NatsJetStreamBroker": "resilience.integrations.outbox.nats",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
     "Backoff",
     "BatchResult",
