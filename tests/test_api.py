@@ -76,6 +76,8 @@ def test_every_sync_method_has_an_async_twin_and_back() -> None:
         outbox.Inbox,
         outbox.InMemoryBroker,
         outbox.RedisStreamsBroker,
+        outbox.RabbitMQBroker,
+        outbox.NatsJetStreamBroker,
     )
     for cls in classes:
         sync, asyncs = _twins(cls)
