@@ -125,6 +125,49 @@ class Commands:
         finally:
             await pool.release(conn)
 
+    def run_many(self, packed: bytes, count: int) -> list[Any]:
+        """Send ``count`` pre-packed commands in one write and read their replies; an error
+        reply takes its place in the list (the connection stays in step)."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([packed], check_health=False)
+            replies: list[Any] = []
+            for _ in range(count):
+                try:
+                    replies.append(conn.read_response(disable_decoding=True))
+                except ResponseError as error:
+                    replies.append(error)
+            return replies
+        except BaseException as error:
+            conn.disconnect()
+            if isinstance(error, OUTAGE_ERRORS):
+                pool.disconnect(inuse_connections=False)
+            raise
+        finally:
+            pool.release(conn)
+
+    async def arun_many(self, packed: bytes, count: int) -> list[Any]:
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command([packed], check_health=False)
+            replies: list[Any] = []
+            for _ in range(count):
+                try:
+                    replies.append(await conn.read_response(disable_decoding=True))
+                except ResponseError as error:
+                    replies.append(error)
+            return replies
+        except BaseException as error:
+            await conn.disconnect()
+            if isinstance(error, OUTAGE_ERRORS):
+                for idle in _take_idle(pool):
+                    await idle.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
+
     def close(self) -> None:
         if self.owned:
             self.client.connection_pool.disconnect()

@@ -123,10 +123,11 @@ class SqlStore(abc.ABC):
 
     @abc.abstractmethod
     def _transaction(
-        self, *, claim: bool = False, read: bool = False
+        self, *, claim: bool = False, read: bool = False, durable: bool = False
     ) -> AbstractContextManager[Tx]:
-        """A transaction; ``claim=True`` also serializes it against other claims, and
-        ``read=True`` promises it writes nothing (SQLite then takes no write lock)."""
+        """A transaction; ``claim=True`` also serializes it against other claims,
+        ``read=True`` promises it writes nothing (SQLite then takes no write lock), and
+        ``durable=True`` waits for the commit to be on disk (operator actions)."""
 
     def _now(self) -> float | None:
         """The time to stamp, or ``None`` for the database's own clock."""
@@ -173,6 +174,8 @@ class SqlStore(abc.ABC):
             return tx.execute(self.sql["published"], params)
 
     async def amark_published(self, owner: str, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0  # no thread hop for nothing
         return await self._in_thread(lambda: self.mark_published(owner, ids))
 
     def release(self, owner: str, ids: Sequence[int], delay: float = 0.0) -> int:
@@ -184,6 +187,8 @@ class SqlStore(abc.ABC):
             return tx.execute(self.sql["release"], params)
 
     async def arelease(self, owner: str, ids: Sequence[int], delay: float = 0.0) -> int:
+        if not ids:
+            return 0
         return await self._in_thread(lambda: self.release(owner, ids, delay))
 
     def release_owner(self, owner: str) -> int:
@@ -214,6 +219,8 @@ class SqlStore(abc.ABC):
             return tx.execute_many(self.sql["fail"], params)
 
     async def afail(self, owner: str, failures: Sequence[RowFailure]) -> int:
+        if not failures:
+            return 0
         return await self._in_thread(lambda: self.fail(owner, failures))
 
     # -- operations ----------------------------------------------------------------------
@@ -238,7 +245,7 @@ class SqlStore(abc.ABC):
             "limit": limit,
             "now": self._now(),
         }
-        with self._transaction() as tx:
+        with self._transaction(durable=True) as tx:
             return tx.execute(self.sql["replay"], params)
 
     async def areplay(

@@ -21,20 +21,29 @@ from resilience import _clock
 
 __all__ = ["SqliteOutboxStore"]
 
+# The keys whose head is not claimable, computed once: a correlated check per row would
+# be quadratic in a hot key's backlog.
 _READY = """
     o.status = 'pending' AND o.available_at <= :now
     AND (o.lease_until IS NULL OR o.lease_until <= :now)
     AND NOT EXISTS (
-        SELECT 1 FROM {t} AS p
-        WHERE p.key = o.key AND p.status = 'pending' AND p.id < o.id
-          AND (p.available_at > :now OR p.lease_until > :now))
+        SELECT 1 FROM blocked WHERE blocked.key = o.key AND blocked.head < o.id)
+"""
+
+_BLOCKED = """
+    WITH blocked AS MATERIALIZED (
+        SELECT b.key AS key, min(b.id) AS head FROM {t} AS b
+        WHERE b.status = 'pending' AND b.key IS NOT NULL
+          AND (b.available_at > :now OR b.lease_until > :now)
+        GROUP BY b.key)
 """
 
 _SQL = {
     "insert": """
         INSERT INTO {t} (event_id, topic, key, payload, headers, created, available_at)
         VALUES (?, ?, ?, ?, ?, ?, ?)""",
-    "claim": """
+    "claim": _BLOCKED
+    + """
         UPDATE {t} SET lease_owner = :owner, lease_until = :now + :lease
         WHERE id IN (SELECT o.id FROM {t} AS o WHERE """
     + _READY
@@ -157,7 +166,9 @@ class SqliteOutboxStore(SqlStore):
         return conn
 
     @contextmanager
-    def _transaction(self, *, claim: bool = False, read: bool = False) -> Iterator[_SqliteTx]:
+    def _transaction(
+        self, *, claim: bool = False, read: bool = False, durable: bool = False
+    ) -> Iterator[_SqliteTx]:
         conn = self._connect()
         # IMMEDIATE takes the write lock up front, so a writer never has to upgrade a read
         # lock (which is where SQLite deadlocks and returns SQLITE_BUSY at once).

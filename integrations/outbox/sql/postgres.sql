@@ -18,7 +18,10 @@ CREATE TABLE IF NOT EXISTS {table} (
     lease_owner   text,
     lease_until   double precision,
     published_at  double precision
-);
+) WITH (fillfactor = 70);
+-- Free room on every page lets a claim write its lease in place (a HOT update: no new
+-- index entries), which halves the claim's writes. Applies to tables made earlier too.
+ALTER TABLE {table} SET (fillfactor = 70);
 -- The claim scans pending rows in id order and checks each key's earlier rows.
 CREATE INDEX IF NOT EXISTS {name}_pending ON {table} (id) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS {name}_pending_key ON {table} (key, id) WHERE status = 'pending';
