@@ -13,9 +13,13 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import importlib
+import importlib.util
 import statistics
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 __all__ = [
@@ -29,6 +33,7 @@ __all__ = [
     "call_loop",
     "check_overhead_target",
     "check_target",
+    "ensure_integrations",
     "event_loop",
     "interleave",
     "measure_async",
@@ -452,3 +457,38 @@ class KeyCycle:
         start, size = self._pos, len(self._keys)
         self._pos = (start + n) % size
         return (self._keys * ((start + n) // size + 1))[start : start + n]
+
+
+def ensure_integrations() -> str | None:
+    """Make ``resilience.integrations`` importable; a note when that took a fallback.
+
+    Run from the repository root, ``./resilience`` (the source folder) comes first on
+    sys.path and shadows the installed link tree, which is where ``integrations/`` is
+    mapped to ``resilience.integrations``. The fallback does that mapping by hand, as
+    pyproject's package-dir does; the code is the same files either way.
+    """
+    try:
+        importlib.import_module("resilience.integrations")
+    except ModuleNotFoundError as error:
+        if error.name != "resilience.integrations":
+            raise
+    else:
+        return None
+    import resilience
+
+    folder = Path(__file__).resolve().parent.parent / "integrations"
+    spec = importlib.util.spec_from_file_location(
+        "resilience.integrations",
+        folder / "__init__.py",
+        submodule_search_locations=[str(folder)],
+    )
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError("resilience.integrations", name="resilience.integrations")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["resilience.integrations"] = module
+    spec.loader.exec_module(module)
+    resilience.integrations = module  # type: ignore[attr-defined]
+    return (
+        f"resilience.integrations was shadowed by {Path(resilience.__file__).parent}"
+        f" (run from the repository root); loaded from {folder}"
+    )

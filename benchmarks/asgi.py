@@ -45,6 +45,7 @@ from benchmarks._harness import (
     Settings,
     TargetResult,
     check_overhead_target,
+    ensure_integrations,
     event_loop,
     interleave,
     measure_async_in,
@@ -136,41 +137,6 @@ def load_settings(quick: bool) -> LoadSettings:
 # -- importing ----------------------------------------------------------------------------
 
 
-def _ensure_integrations() -> str | None:
-    """Make ``resilience.integrations`` importable; a note when that took a fallback.
-
-    Run from the repository root, ``./resilience`` (the source folder) comes first on
-    sys.path and shadows the installed link tree, which is where ``integrations/`` is
-    mapped to ``resilience.integrations``. The fallback does that mapping by hand, as
-    pyproject's package-dir does; the code is the same files either way.
-    """
-    try:
-        importlib.import_module("resilience.integrations")
-    except ModuleNotFoundError as error:
-        if error.name != "resilience.integrations":
-            raise
-    else:
-        return None
-    import resilience
-
-    folder = Path(__file__).resolve().parent.parent / "integrations"
-    spec = importlib.util.spec_from_file_location(
-        "resilience.integrations",
-        folder / "__init__.py",
-        submodule_search_locations=[str(folder)],
-    )
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError("resilience.integrations", name="resilience.integrations")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["resilience.integrations"] = module
-    spec.loader.exec_module(module)
-    resilience.integrations = module  # type: ignore[attr-defined]
-    return (
-        f"resilience.integrations was shadowed by {Path(resilience.__file__).parent}"
-        f" (run from the repository root); loaded from {folder}"
-    )
-
-
 def _load_peers() -> tuple[dict[str, Any], dict[str, str | None]]:
     modules: dict[str, Any] = {}
     versions: dict[str, str | None] = {}
@@ -215,7 +181,7 @@ def build_app(case: str) -> Any:
     middleware: list[Middleware] = []
     limiter: Any = None
     if case in (OURS, OURS_NO_HEADERS, OURS_CACHE, OURS_BREAKER, OURS_ALL):
-        _ensure_integrations()
+        ensure_integrations()
         from resilience.integrations.asgi import (
             CircuitBreakerMiddleware,
             RateLimitMiddleware,
@@ -744,7 +710,7 @@ def main(quick: bool) -> dict[str, Any]:
     if "starlette" not in peers:
         print("skipped: starlette is not installed (pip install 'resilience[asgi]')")
         return {"peers": versions, "skipped": "starlette not installed"}
-    note = _ensure_integrations()
+    note = ensure_integrations()
     if note is not None:
         print(f"note: {note}")
     print(f"measurement (a): {s.description}; cases interleaved, median and min over rounds")

@@ -5,6 +5,8 @@ data; run an :class:`OutboxPublisher` (one or many, threads or processes) to rel
 SQLite is the embedded default; PostgreSQL needs ``resilience[postgres]``.
 """
 
+from typing import TYPE_CHECKING
+
 from resilience.integrations.outbox._model import (
     Backoff,
     BrokerUnavailable,
@@ -30,8 +32,12 @@ from resilience.integrations.outbox.postgres import PostgresOutboxStore
 from resilience.integrations.outbox.publisher import BatchResult, OutboxPublisher, ReplayResult
 from resilience.integrations.outbox.sqlite import SqliteOutboxStore
 
+if TYPE_CHECKING:
+    from resilience.integrations.outbox.nats import NatsJetStreamBroker as NatsJetStreamBroker
+    from resilience.integrations.outbox.rabbitmq import RabbitMQBroker as RabbitMQBroker
+
 # The RabbitMQ and NATS adapters import their client libraries (extras), so they load
-# only when asked for.
+# only when asked for by name (and stay out of __all__: a star import must not need them).
 _LAZY = {
     "RabbitMQBroker": "resilience.integrations.outbox.rabbitmq",
     "NatsJetStreamBroker": "resilience.integrations.outbox.nats",
