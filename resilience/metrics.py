@@ -26,6 +26,7 @@ from resilience.breaker import (
     CallRejected,
     CircuitBreaker,
     CircuitState,
+    Outcome,
     StateChanged,
 )
 from resilience.cache.cache import CacheEvent, TwoTierCache
@@ -181,19 +182,18 @@ class Metrics:
     def _breaker(self, breaker: CircuitBreaker) -> None:
         name = breaker.name
         self._set_state(name, breaker.state)  # present from the start, CLOSED included
-        for outcome in ("success", "failure", "ignored"):
-            self.breaker_calls.labels(name, outcome)
-        self.breaker_rejected.labels(name)
-        calls, rejected = self.breaker_calls, self.breaker_rejected
+        # Children bound once: a labels() lookup per call costs more than the increment.
+        calls = {o: self.breaker_calls.labels(name, o.value) for o in Outcome}
+        rejected = self.breaker_rejected.labels(name)
         duration = self.breaker_duration.labels(name)
 
         def listen(event: object) -> None:
             if isinstance(event, CallFinished):
-                calls.labels(name, event.outcome.value).inc()
+                calls[event.outcome].inc()
                 if event.duration is not None:
                     duration.observe(event.duration)
             elif isinstance(event, CallRejected):
-                rejected.labels(name).inc()
+                rejected.inc()
             elif isinstance(event, StateChanged):
                 self.breaker_transitions.labels(name, event.old.value, event.new.value).inc()
                 self._set_state(name, event.new)
