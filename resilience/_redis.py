@@ -76,6 +76,23 @@ def _take_idle(pool: Any) -> list[Any]:
     return taken
 
 
+def _drop(pool: Any, conn: Any, error: BaseException) -> None:
+    """A connection that failed mid-command is out of step: close it. After an outage its
+    idle siblings are dead too: drop them so recovery starts on fresh ones."""
+    conn.disconnect()
+    if isinstance(error, OUTAGE_ERRORS):
+        pool.disconnect(inuse_connections=False)
+
+
+async def _adrop(pool: Any, conn: Any, error: BaseException) -> None:
+    await conn.disconnect()
+    if isinstance(error, OUTAGE_ERRORS):
+        # pool.disconnect() awaits between connections while another task may take one of
+        # them: take every idle one out first (no await), then close them.
+        for idle in _take_idle(pool):
+            await idle.disconnect()
+
+
 class Commands:
     """Commands on a budgeted client: straight to its pool unless it is the user's own."""
 
@@ -96,10 +113,7 @@ class Commands:
         except ResponseError:
             raise
         except BaseException as error:
-            conn.disconnect()
-            if isinstance(error, OUTAGE_ERRORS):
-                # Its idle siblings are dead too: drop them so recovery starts on fresh ones.
-                pool.disconnect(inuse_connections=False)
+            _drop(pool, conn, error)
             raise
         finally:
             pool.release(conn)
@@ -115,12 +129,7 @@ class Commands:
         except ResponseError:
             raise
         except BaseException as error:
-            await conn.disconnect()
-            if isinstance(error, OUTAGE_ERRORS):
-                # pool.disconnect() awaits between connections while another task may take
-                # one of them: take every idle one out first (no await), then close them.
-                for idle in _take_idle(pool):
-                    await idle.disconnect()
+            await _adrop(pool, conn, error)
             raise
         finally:
             await pool.release(conn)
@@ -140,9 +149,7 @@ class Commands:
                     replies.append(error)
             return replies
         except BaseException as error:
-            conn.disconnect()
-            if isinstance(error, OUTAGE_ERRORS):
-                pool.disconnect(inuse_connections=False)
+            _drop(pool, conn, error)
             raise
         finally:
             pool.release(conn)
@@ -160,10 +167,7 @@ class Commands:
                     replies.append(error)
             return replies
         except BaseException as error:
-            await conn.disconnect()
-            if isinstance(error, OUTAGE_ERRORS):
-                for idle in _take_idle(pool):
-                    await idle.disconnect()
+            await _adrop(pool, conn, error)
             raise
         finally:
             await pool.release(conn)

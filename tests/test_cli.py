@@ -185,7 +185,7 @@ def test_the_console_script_is_installed() -> None:
 
 def _fill(store: SqliteOutboxStore | PostgresOutboxStore, conn: object) -> None:
     for i in range(5):
-        store.enqueue(conn, topic="orders" if i < 3 else "users", key=f"k{i}", payload=i)  # type: ignore[arg-type]
+        store.enqueue(conn, topic="orders" if i < 3 else "users", key=f"k{i}", payload=i)
 
 
 def _kill_two(store: SqliteOutboxStore | PostgresOutboxStore) -> list[int]:

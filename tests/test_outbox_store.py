@@ -38,8 +38,7 @@ class Kit:
     def enqueue(self, n: int = 1, *, key: str | None = "k", topic: str = "t") -> list[str]:
         with self.begin() as conn:
             return [
-                self.store.enqueue(conn, topic=topic, key=key, payload={"n": i})  # type: ignore[attr-defined]
-                for i in range(n)
+                self.store.enqueue(conn, topic=topic, key=key, payload={"n": i}) for i in range(n)
             ]
 
     def column(self, name: str) -> list[Any]:
@@ -117,7 +116,7 @@ def test_create_schema_is_idempotent(kit: Kit) -> None:
 
 def test_enqueue_stores_the_row_as_given(kit: Kit, clock: FakeClock) -> None:
     with kit.begin() as conn:
-        eid = kit.store.enqueue(  # type: ignore[attr-defined]
+        eid = kit.store.enqueue(
             conn, topic="orders", key="o-1", payload={"total": 12.5}, headers={"trace": "abc"}
         )
     assert str(uuid.UUID(eid)) == eid
@@ -138,12 +137,12 @@ def test_enqueue_stores_the_row_as_given(kit: Kit, clock: FakeClock) -> None:
 def test_enqueue_accepts_a_given_event_id_and_refuses_a_duplicate(kit: Kit) -> None:
     eid = str(uuid.uuid4())
     with kit.begin() as conn:
-        assert kit.store.enqueue(conn, topic="t", payload=1, event_id=eid) == eid  # type: ignore[attr-defined]
+        assert kit.store.enqueue(conn, topic="t", payload=1, event_id=eid) == eid
     with (
         pytest.raises((sqlite3.IntegrityError, psycopg.errors.UniqueViolation)),
         kit.begin() as conn,
     ):
-        kit.store.enqueue(conn, topic="t", payload=1, event_id=eid)  # type: ignore[attr-defined]
+        kit.store.enqueue(conn, topic="t", payload=1, event_id=eid)
     assert kit.store.stats().pending == 1
 
 
@@ -157,6 +156,7 @@ def test_enqueue_accepts_a_given_event_id_and_refuses_a_duplicate(kit: Kit) -> N
         ({"topic": "t", "payload": float("nan")}, TypeError, "payload"),
         ({"topic": "t", "payload": 1, "headers": {"a": 1}}, TypeError, "headers"),
         ({"topic": "t", "payload": 1, "event_id": "nope"}, ValueError, "event_id"),
+        ({"topic": "t", "payload": 1, "delay": -1}, ValueError, "delay"),
     ],
 )
 def test_enqueue_rejects_bad_input_before_touching_the_database(
@@ -164,23 +164,23 @@ def test_enqueue_rejects_bad_input_before_touching_the_database(
 ) -> None:
     with kit.begin() as conn:
         with pytest.raises(error, match=names):
-            kit.store.enqueue(conn, **kwargs)  # type: ignore[attr-defined]
+            kit.store.enqueue(conn, **kwargs)
         # The transaction is still usable: nothing was sent.
-        kit.store.enqueue(conn, topic="t", payload="ok")  # type: ignore[attr-defined]
+        kit.store.enqueue(conn, topic="t", payload="ok")
     assert kit.store.stats().pending == 1
 
 
 def test_enqueue_refuses_another_driver_s_connection(kit: Kit, tmp_path: Path) -> None:
     other: Any = sqlite3.connect(tmp_path / "x.db") if kit.kind == "postgres" else object()
     with pytest.raises(TypeError, match="conn must be"):
-        kit.store.enqueue(other, topic="t", payload=1)  # type: ignore[attr-defined]
+        kit.store.enqueue(other, topic="t", payload=1)
     if isinstance(other, sqlite3.Connection):
         other.close()
 
 
 def test_enqueue_joins_the_caller_s_transaction_and_never_commits(kit: Kit) -> None:
     with kit.begin() as conn:
-        kit.store.enqueue(conn, topic="t", payload=1)  # type: ignore[attr-defined]
+        kit.store.enqueue(conn, topic="t", payload=1)
         assert kit.store.stats().pending == 0  # not visible before the caller commits
         if kit.kind == "postgres":  # SQLite has one writer: a claim would wait for us
             assert kit.store.claim("relay", 10, 30.0) == []
@@ -190,7 +190,7 @@ def test_enqueue_joins_the_caller_s_transaction_and_never_commits(kit: Kit) -> N
 def test_a_rolled_back_transaction_leaves_no_event(kit: Kit) -> None:
     def order() -> None:
         with kit.begin() as conn:
-            kit.store.enqueue(conn, topic="t", payload=1)  # type: ignore[attr-defined]
+            kit.store.enqueue(conn, topic="t", payload=1)
             raise RuntimeError("business logic failed")
 
     with pytest.raises(RuntimeError):
@@ -201,7 +201,7 @@ def test_a_rolled_back_transaction_leaves_no_event(kit: Kit) -> None:
 
 def test_enqueue_with_delay_is_claimable_only_later(kit: Kit, clock: FakeClock) -> None:
     with kit.begin() as conn:
-        kit.store.enqueue(conn, topic="t", payload=1, delay=5.0)  # type: ignore[attr-defined]
+        kit.store.enqueue(conn, topic="t", payload=1, delay=5.0)
     assert kit.store.claim("a", 10, 30.0) == []
     clock.advance(5.0)
     assert len(kit.store.claim("a", 10, 30.0)) == 1
@@ -488,7 +488,7 @@ async def test_postgres_aenqueue_joins_an_async_transaction(
         await store.aenqueue(conn, topic="t", payload=2)
     assert [e.json() for e in await store.aclaim("a", 5, 30.0)] == [2]
     with pytest.raises(TypeError, match="AsyncConnection"):
-        await store.aenqueue(object(), topic="t", payload=1)  # type: ignore[arg-type]
+        await store.aenqueue(object(), topic="t", payload=1)
     await store.aclose()
 
 

@@ -31,6 +31,7 @@ from resilience.integrations.outbox._model import (
     OutboxStats,
     RowFailure,
     decode_headers,
+    encode_event,
     positive,
     positive_int,
 )
@@ -148,6 +149,69 @@ class SqlStore(abc.ABC):
 
     async def aclose(self) -> None:
         await self._in_thread(self.close)
+
+    # -- the application's side ----------------------------------------------------------
+
+    def enqueue(
+        self,
+        conn: Any,
+        *,
+        topic: str,
+        key: str | None = None,
+        payload: object,
+        headers: dict[str, str] | None = None,
+        event_id: str | None = None,
+        delay: float = 0.0,
+    ) -> str:
+        """Insert an event on the caller's connection, inside the caller's transaction.
+
+        Never commits: the event becomes visible to relays when the caller commits, and
+        vanishes with a rollback. Bad input raises before any SQL runs. Returns the event
+        id (a UUID string).
+        """
+        row = self._row(topic, key, payload, headers, event_id, delay)
+        self._insert(conn, row)
+        return str(row["eid"])
+
+    async def aenqueue(
+        self,
+        conn: Any,
+        *,
+        topic: str,
+        key: str | None = None,
+        payload: object,
+        headers: dict[str, str] | None = None,
+        event_id: str | None = None,
+        delay: float = 0.0,
+    ) -> str:
+        """:meth:`enqueue` on an async connection (``psycopg.AsyncConnection``)."""
+        row = self._row(topic, key, payload, headers, event_id, delay)
+        await self._ainsert(conn, row)
+        return str(row["eid"])
+
+    def _row(
+        self, topic: object, key: object, payload: object, headers: object, event_id: object,
+        delay: object,
+    ) -> dict[str, Any]:  # fmt: skip
+        eid, topic_, key_, body, head = encode_event(topic, key, payload, headers, event_id)
+        if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0:
+            raise ValueError(f"delay must be a number of seconds >= 0, got {delay!r}")
+        return {
+            "eid": eid,
+            "topic": topic_,
+            "key": key_,
+            "payload": body,
+            "headers": head,
+            "now": self._now(),
+            "delay": float(delay),
+        }
+
+    @abc.abstractmethod
+    def _insert(self, conn: Any, row: dict[str, Any]) -> None:
+        """Run the insert on the caller's connection (checking it is the right kind)."""
+
+    async def _ainsert(self, conn: Any, row: dict[str, Any]) -> None:
+        self._insert(conn, row)
 
     # -- the relay's side ----------------------------------------------------------------
 

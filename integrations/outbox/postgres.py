@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
-from resilience.integrations.outbox._model import check_identifier, encode_event
+from resilience.integrations.outbox._model import check_identifier
 from resilience.integrations.outbox._store import SqlStore, read_ddl
 
 from resilience import _clock
@@ -287,67 +287,17 @@ class PostgresOutboxStore(SqlStore):
 
     # -- the application's side ----------------------------------------------------------
 
-    def _insert_params(
-        self,
-        topic: object,
-        key: object,
-        payload: object,
-        headers: object,
-        event_id: object,
-        delay: float,
-    ) -> dict[str, Any]:
-        eid, topic_, key_, body, head = encode_event(topic, key, payload, headers, event_id)
-        return {
-            "eid": eid,
-            "topic": topic_,
-            "key": key_,
-            "payload": body,
-            "headers": head,
-            "now": self._now(),
-            "delay": float(delay),
-        }
-
-    def enqueue(
-        self,
-        conn: psycopg.Connection[Any],
-        *,
-        topic: str,
-        key: str | None = None,
-        payload: object,
-        headers: dict[str, str] | None = None,
-        event_id: str | None = None,
-        delay: float = 0.0,
-    ) -> str:
-        """Insert an event on the caller's connection, inside the caller's transaction.
-
-        Never commits: the event becomes visible to relays when the caller commits, and
-        vanishes with a rollback. Returns the event id (a UUID string).
-        """
+    def _insert(self, conn: Any, row: dict[str, Any]) -> None:
         psycopg = _psycopg()
         if not isinstance(conn, psycopg.Connection):
             raise TypeError(
                 "conn must be a psycopg.Connection (use aenqueue for an AsyncConnection), "
                 f"got {type(conn).__name__}"
             )
-        params = self._insert_params(topic, key, payload, headers, event_id, delay)
-        conn.execute(self.sql["insert"], params, prepare=True)
-        return str(params["eid"])
+        conn.execute(self.sql["insert"], row, prepare=True)
 
-    async def aenqueue(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        *,
-        topic: str,
-        key: str | None = None,
-        payload: object,
-        headers: dict[str, str] | None = None,
-        event_id: str | None = None,
-        delay: float = 0.0,
-    ) -> str:
-        """:meth:`enqueue` on a ``psycopg.AsyncConnection``, inside its transaction."""
+    async def _ainsert(self, conn: Any, row: dict[str, Any]) -> None:
         psycopg = _psycopg()
         if not isinstance(conn, psycopg.AsyncConnection):
             raise TypeError(f"conn must be a psycopg.AsyncConnection, got {type(conn).__name__}")
-        params = self._insert_params(topic, key, payload, headers, event_id, delay)
-        await conn.execute(self.sql["insert"], params, prepare=True)
-        return str(params["eid"])
+        await conn.execute(self.sql["insert"], row, prepare=True)

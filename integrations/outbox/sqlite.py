@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from resilience.integrations.outbox._model import check_identifier, encode_event, positive
+from resilience.integrations.outbox._model import check_identifier, positive
 from resilience.integrations.outbox._store import SqlStore, read_ddl
 
 from resilience import _clock
@@ -41,7 +41,7 @@ _BLOCKED = """
 _SQL = {
     "insert": """
         INSERT INTO {t} (event_id, topic, key, payload, headers, created, available_at)
-        VALUES (?, ?, ?, ?, ?, ?, ?)""",
+        VALUES (:eid, :topic, :key, :payload, :headers, :now, :now + :delay)""",
     "claim": _BLOCKED
     + """
         UPDATE {t} SET lease_owner = :owner, lease_until = :now + :lease
@@ -194,50 +194,10 @@ class SqliteOutboxStore(SqlStore):
 
     # -- the application's side ----------------------------------------------------------
 
-    def enqueue(
-        self,
-        conn: sqlite3.Connection,
-        *,
-        topic: str,
-        key: str | None = None,
-        payload: object,
-        headers: dict[str, str] | None = None,
-        event_id: str | None = None,
-        delay: float = 0.0,
-    ) -> str:
-        """Insert an event on the caller's connection, inside the caller's transaction.
-
-        Never commits: the event becomes visible to relays when the caller commits, and
-        vanishes with a rollback. Returns the event id (a UUID string).
-        """
+    def _insert(self, conn: Any, row: dict[str, Any]) -> None:
         if not isinstance(conn, sqlite3.Connection):
             raise TypeError(
                 f"conn must be a sqlite3.Connection for {type(self).__name__}, "
                 f"got {type(conn).__name__}"
             )
-        eid, topic, key, body, head = encode_event(topic, key, payload, headers, event_id)
-        now = self._clock.time() if self._clock is not None else 0.0
-        conn.execute(self.sql["insert"], (eid, topic, key, body, head, now, now + delay))
-        return eid
-
-    async def aenqueue(
-        self,
-        conn: sqlite3.Connection,
-        *,
-        topic: str,
-        key: str | None = None,
-        payload: object,
-        headers: dict[str, str] | None = None,
-        event_id: str | None = None,
-        delay: float = 0.0,
-    ) -> str:
-        """:meth:`enqueue` for async code; one local insert, so it runs inline."""
-        return self.enqueue(
-            conn,
-            topic=topic,
-            key=key,
-            payload=payload,
-            headers=headers,
-            event_id=event_id,
-            delay=delay,
-        )
+        conn.execute(self.sql["insert"], row)
