@@ -6,11 +6,17 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio.to_thread
-from resilience.integrations.outbox._model import Failure, OutboxEvent
-from resilience.integrations.outbox.brokers import FailureTable, HeldBack, Results, classify_with
+from resilience.integrations.outbox._model import BrokerUnavailable, Failure, OutboxEvent
+from resilience.integrations.outbox.brokers import (
+    FailureTable,
+    HeldBack,
+    Results,
+    classify_with,
+    encode_batch,
+)
 
 __all__ = ["AsyncBroker", "Home", "left", "send_by_key"]
 
@@ -48,7 +54,65 @@ class AsyncBroker:
         else:
             await anyio.to_thread.run_sync(self.close)
 
+    # -- on the home loop ----------------------------------------------------------------
+
+    #: How errors name the server ("NATS", "RabbitMQ").
+    _label: ClassVar[str] = "the broker"
+    timeout: float
+    _loop: asyncio.AbstractEventLoop | None = None
+    _lock: asyncio.Lock | None = None
+
     async def _publish(self, events: Sequence[OutboxEvent]) -> Results:
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        target = await self._ready(deadline)
+        ready, results = encode_batch(events, self._encode)
+
+        async def send(message: Any) -> None:
+            await self._send(target, message, deadline)
+
+        await send_by_key(events, ready, results, send)
+        return results
+
+    async def _ready(self, deadline: float) -> Any:
+        """What to send through, connecting first when there is nothing usable."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # First use here, or the old home loop is gone and took the connection along.
+            self._loop, self._lock = loop, asyncio.Lock()
+            self._forget()
+        assert self._lock is not None
+        async with self._lock:
+            target = self._usable()
+            if target is None:
+                await self._disconnect()
+                try:
+                    await asyncio.wait_for(self._open(deadline), left(deadline))
+                except Exception as error:
+                    await self._disconnect()
+                    raise BrokerUnavailable(
+                        f"cannot connect to {self._label}: {error!r}"
+                    ) from error
+                target = self._usable()
+                assert target is not None
+            return target
+
+    # What an adapter supplies.
+
+    def _encode(self, event: OutboxEvent) -> Any:
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        """Drop references to a connection that lived on a loop now gone."""
+        raise NotImplementedError
+
+    def _usable(self) -> Any:
+        """The open channel or context to send through, or None."""
+        raise NotImplementedError
+
+    async def _open(self, deadline: float) -> None:
+        raise NotImplementedError
+
+    async def _send(self, target: Any, message: Any, deadline: float) -> None:
         raise NotImplementedError
 
     async def _disconnect(self) -> None:

@@ -9,10 +9,9 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Sequence
 from typing import ClassVar
 
-from resilience.integrations.outbox._aio import AsyncBroker, Home, left, send_by_key
+from resilience.integrations.outbox._aio import AsyncBroker, Home, left
 from resilience.integrations.outbox._model import (
     BrokerUnavailable,
     EventRejected,
@@ -24,8 +23,6 @@ from resilience.integrations.outbox._model import (
 )
 from resilience.integrations.outbox.brokers import (
     FailureTable,
-    Results,
-    encode_batch,
 )
 
 try:
@@ -151,36 +148,22 @@ class NatsJetStreamBroker(AsyncBroker):
 
     # -- on the home loop ----------------------------------------------------------------
 
-    async def _publish(self, events: Sequence[OutboxEvent]) -> Results:
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        js = await self._ready(deadline)
-        ready, results = encode_batch(events, self._encode)
+    _label = "NATS"
 
-        async def send(message: tuple[str, bytes, dict[str, str]]) -> None:
-            subject, payload, headers = message
-            await js.publish(subject, payload, timeout=left(deadline), headers=headers)
+    def _forget(self) -> None:
+        self._nc = self._js = None
 
-        await send_by_key(events, ready, results, send)
-        return results
+    def _usable(self) -> JetStreamContext | None:
+        nc = self._given if self._given is not None else self._nc
+        if self._js is None or nc is None or nc.is_closed:
+            return None
+        return self._js
 
-    async def _ready(self, deadline: float) -> JetStreamContext:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            # First use here, or the old home loop is gone and took the connection along.
-            self._loop, self._lock = loop, asyncio.Lock()
-            self._nc = self._js = None
-        assert self._lock is not None
-        async with self._lock:
-            nc = self._given if self._given is not None else self._nc
-            if self._js is None or nc is None or nc.is_closed:
-                await self._disconnect()
-                try:
-                    await asyncio.wait_for(self._open(deadline), left(deadline))
-                except Exception as error:
-                    await self._disconnect()
-                    raise BrokerUnavailable(f"cannot connect to NATS: {error!r}") from error
-            assert self._js is not None
-            return self._js
+    async def _send(
+        self, target: JetStreamContext, message: tuple[str, bytes, dict[str, str]], deadline: float
+    ) -> None:
+        subject, payload, headers = message
+        await target.publish(subject, payload, timeout=left(deadline), headers=headers)
 
     async def _open(self, deadline: float) -> None:
         if self._given is None:

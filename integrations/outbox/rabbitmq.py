@@ -8,10 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 from typing import Any, ClassVar, Final
 
-from resilience.integrations.outbox._aio import AsyncBroker, Home, left, send_by_key
+from resilience.integrations.outbox._aio import AsyncBroker, Home, left
 from resilience.integrations.outbox._model import (
     BrokerUnavailable,
     EventRejected,
@@ -23,8 +22,6 @@ from resilience.integrations.outbox._model import (
 )
 from resilience.integrations.outbox.brokers import (
     FailureTable,
-    Results,
-    encode_batch,
 )
 
 try:
@@ -141,37 +138,21 @@ class RabbitMQBroker(AsyncBroker):
 
     # -- on the home loop ----------------------------------------------------------------
 
-    async def _publish(self, events: Sequence[OutboxEvent]) -> Results:
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        target = await self._ready(deadline)
-        ready, results = encode_batch(events, self._encode)
+    _label = "RabbitMQ"
 
-        async def send(message: tuple[aio_pika.Message, str]) -> None:
-            body, routing_key = message
-            await target.publish(
-                body, routing_key, mandatory=self.mandatory, timeout=left(deadline)
-            )
+    def _forget(self) -> None:
+        self._conn = self._channel = self._target = None
 
-        await send_by_key(events, ready, results, send)
-        return results
+    def _usable(self) -> AbstractExchange | None:
+        if self._target is None or self._channel is None or self._channel.is_closed:
+            return None
+        return self._target
 
-    async def _ready(self, deadline: float) -> AbstractExchange:
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            # First use here, or the old home loop is gone and took the connection along.
-            self._loop, self._lock = loop, asyncio.Lock()
-            self._conn = self._channel = self._target = None
-        assert self._lock is not None
-        async with self._lock:
-            if self._target is None or self._channel is None or self._channel.is_closed:
-                await self._disconnect()
-                try:
-                    await asyncio.wait_for(self._open(deadline), left(deadline))
-                except Exception as error:
-                    await self._disconnect()
-                    raise BrokerUnavailable(f"cannot set up RabbitMQ: {error!r}") from error
-            assert self._target is not None
-            return self._target
+    async def _send(
+        self, target: AbstractExchange, message: tuple[aio_pika.Message, str], deadline: float
+    ) -> None:
+        body, routing_key = message
+        await target.publish(body, routing_key, mandatory=self.mandatory, timeout=left(deadline))
 
     async def _open(self, deadline: float) -> None:
         conn: AbstractConnection
