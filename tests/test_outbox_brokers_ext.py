@@ -506,60 +506,67 @@ async def test_rabbitmq_apublish_from_any_loop(anyio_backend_name: str, rabbit: 
     check_amqp_messages(rabbit.messages(queue, 4), events)
 
 
+def outage_story(
+    broker: RabbitMQBroker | NatsJetStreamBroker, proxy: FaultProxy
+) -> list[OutboxEvent]:
+    """Cut, refuse, blackhole and restore the path to a real server; every failure is an
+    outage and returns within the timeout. Returns the events the broker confirmed."""
+    sent: list[OutboxEvent] = []
+
+    def attempt(events: list[OutboxEvent]) -> list[BaseException | None]:
+        start = time.monotonic()
+        try:
+            results = broker.publish(events)
+        except Exception as error:
+            results = [error] * len(events)
+        assert time.monotonic() - start < OUTAGE_TIMEOUT + SLACK
+        return results
+
+    ok = [event("a"), event("b")]
+    assert attempt(ok) == [None, None]
+    sent += ok
+
+    proxy.cut()  # the open connection is reset
+    results = attempt([event("a"), event("a"), event("b")])
+    assert all(r is not None for r in results)
+    assert {failure(broker, r) for r in results if not isinstance(r, HeldBack)} == {Failure.OUTAGE}
+
+    results = attempt([event("a")])  # refused
+    assert isinstance(results[0], BrokerUnavailable)
+    assert broker.classify(results[0]) is Failure.OUTAGE
+
+    proxy.blackhole()  # accepted, then silence: the connect times out
+    results = attempt([event("a")])
+    assert isinstance(results[0], BrokerUnavailable)
+    assert broker.classify(results[0]) is Failure.OUTAGE
+
+    proxy.restore()
+    ok = [event("a"), event("b")]
+    assert attempt(ok) == [None, None]
+    sent += ok
+
+    proxy.blackhole()  # an open connection goes silent: no confirm in time
+    results = attempt([event("a"), event("a"), event("b")])
+    assert kinds(results) == ["TimeoutError", "HeldBack", "TimeoutError"]
+    assert failure(broker, results[0]) is Failure.OUTAGE
+
+    proxy.restore()  # the stuck frames flow; the same connection carries on
+    ok = [event("a")]
+    assert attempt(ok) == [None]
+    sent += ok
+    return sent
+
+
 @pytest.mark.slow
 def test_rabbitmq_outages_through_a_fault_proxy(rabbit: Rabbit) -> None:
     queue = rabbit.queue()
     host, port = _host_port(rabbit.url, 5672)
-    sent: list[OutboxEvent] = []
     with FaultProxy(host, port) as proxy:
         broker = RabbitMQBroker(
             proxy.url_for(rabbit.url), exchange=rabbit.exchange, timeout=OUTAGE_TIMEOUT
         )
         try:
-
-            def attempt(events: list[OutboxEvent]) -> list[BaseException | None]:
-                start = time.monotonic()
-                try:
-                    results = broker.publish(events)
-                except Exception as error:
-                    results = [error] * len(events)
-                assert time.monotonic() - start < OUTAGE_TIMEOUT + SLACK
-                return results
-
-            ok = [event("a"), event("b")]
-            assert attempt(ok) == [None, None]
-            sent += ok
-
-            proxy.cut()  # the open connection is reset
-            results = attempt([event("a"), event("a"), event("b")])
-            assert all(r is not None for r in results)
-            assert {failure(broker, r) for r in results if not isinstance(r, HeldBack)} == {
-                Failure.OUTAGE
-            }
-
-            results = attempt([event("a")])  # refused
-            assert isinstance(results[0], BrokerUnavailable)
-            assert broker.classify(results[0]) is Failure.OUTAGE
-
-            proxy.blackhole()  # accepted, then silence: the connect times out
-            results = attempt([event("a")])
-            assert isinstance(results[0], BrokerUnavailable)
-            assert broker.classify(results[0]) is Failure.OUTAGE
-
-            proxy.restore()
-            ok = [event("a"), event("b")]
-            assert attempt(ok) == [None, None]
-            sent += ok
-
-            proxy.blackhole()  # an open connection goes silent: no confirm in time
-            results = attempt([event("a"), event("a"), event("b")])
-            assert kinds(results) == ["TimeoutError", "HeldBack", "TimeoutError"]
-            assert failure(broker, results[0]) is Failure.OUTAGE
-
-            proxy.restore()  # the stuck frames flow; the same connection carries on
-            ok = [event("a")]
-            assert attempt(ok) == [None]
-            sent += ok
+            sent = outage_story(broker, proxy)
         finally:
             broker.close()
     got = rabbit.messages(queue, len(sent) + 2, wait=1.0)
@@ -736,56 +743,12 @@ async def test_nats_apublish_from_any_loop(anyio_backend_name: str, jet: Jet) ->
 def test_nats_outages_through_a_fault_proxy(jet: Jet) -> None:
     stream = jet.stream()
     host, port = _host_port(jet.url, 4222)
-    sent: list[OutboxEvent] = []
     with FaultProxy(host, port) as proxy:
         broker = NatsJetStreamBroker(
             proxy.url_for(jet.url), subject=jet.subject, timeout=OUTAGE_TIMEOUT
         )
         try:
-
-            def attempt(events: list[OutboxEvent]) -> list[BaseException | None]:
-                start = time.monotonic()
-                try:
-                    results = broker.publish(events)
-                except Exception as error:
-                    results = [error] * len(events)
-                assert time.monotonic() - start < OUTAGE_TIMEOUT + SLACK
-                return results
-
-            ok = [event("a"), event("b")]
-            assert attempt(ok) == [None, None]
-            sent += ok
-
-            proxy.cut()  # the open connection is reset
-            results = attempt([event("a"), event("a"), event("b")])
-            assert all(r is not None for r in results)
-            assert {failure(broker, r) for r in results if not isinstance(r, HeldBack)} == {
-                Failure.OUTAGE
-            }
-
-            results = attempt([event("a")])  # refused
-            assert isinstance(results[0], BrokerUnavailable)
-            assert broker.classify(results[0]) is Failure.OUTAGE
-
-            proxy.blackhole()  # accepted, then silence: the connect times out
-            results = attempt([event("a")])
-            assert isinstance(results[0], BrokerUnavailable)
-            assert broker.classify(results[0]) is Failure.OUTAGE
-
-            proxy.restore()
-            ok = [event("a"), event("b")]
-            assert attempt(ok) == [None, None]
-            sent += ok
-
-            proxy.blackhole()  # an open connection goes silent: no ack in time
-            results = attempt([event("a"), event("a"), event("b")])
-            assert kinds(results) == ["TimeoutError", "HeldBack", "TimeoutError"]
-            assert failure(broker, results[0]) is Failure.OUTAGE
-
-            proxy.restore()
-            ok = [event("a")]
-            assert attempt(ok) == [None]
-            sent += ok
+            sent = outage_story(broker, proxy)
         finally:
             broker.close()
     got = jet.messages(stream)
