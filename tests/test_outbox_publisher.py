@@ -450,3 +450,36 @@ def test_backoff_grows_caps_and_never_overflows() -> None:
     jittered = Backoff(base=8.0, jitter=0.25)
     rand = random.Random(1)
     assert all(6.0 <= jittered.delay(1, rand) <= 8.0 for _ in range(200))
+
+
+@pytest.mark.postgres
+@pytest.mark.anyio
+async def test_an_idle_relay_on_postgres_wakes_on_notify(
+    postgres_dsn: str, pg_schema: str, require_asyncio: None
+) -> None:
+    import anyio
+    import psycopg
+    from resilience.integrations.outbox import PostgresOutboxStore
+
+    store = PostgresOutboxStore(postgres_dsn, schema=pg_schema)
+    store.create_schema()
+    broker = InMemoryBroker()
+    # Every wait is 30 s: only the NOTIFY can explain a quick delivery.
+    pub = OutboxPublisher(store, broker=broker, min_poll=30.0, max_poll=30.0)
+    idle, published = anyio.Event(), anyio.Event()
+
+    def listen(event: object) -> None:
+        if isinstance(event, BatchResult):
+            (published if event.published else idle).set()
+
+    pub.add_listener(listen)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pub.run)
+        await idle.wait()  # found nothing: now in its 30 s wait
+        await anyio.sleep(0.1)  # let it reach the LISTEN
+        async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+            await store.aenqueue(conn, topic="t", payload=1)
+        with anyio.fail_after(1.0):  # well inside the 30 s poll
+            await published.wait()
+        tg.cancel_scope.cancel()
+    store.close()
