@@ -324,6 +324,13 @@ def adapter_threads() -> list[str]:
 # --- RabbitMQ --------------------------------------------------------------------------
 
 
+def assert_key_order(order: dict[str | None, list[int]]) -> None:
+    """Each key's events arrived in id order (events without a key have none)."""
+    for key, ids in order.items():
+        if key is not None:
+            assert ids == sorted(ids), f"key {key!r} out of order: {ids}"
+
+
 def check_amqp_messages(messages: list[AbstractIncomingMessage], events: list[OutboxEvent]) -> None:
     by_id = {e.event_id: e for e in events}
     assert sorted(m.message_id or "" for m in messages) == sorted(by_id)
@@ -339,9 +346,7 @@ def check_amqp_messages(messages: list[AbstractIncomingMessage], events: list[Ou
             expected["key"] = e.key
         assert m.headers == expected
         order.setdefault(e.key, []).append(e.id)
-    for key, ids in order.items():
-        if key is not None:
-            assert ids == sorted(ids), f"key {key!r} out of order: {ids}"
+    assert_key_order(order)
 
 
 @ASYNCIO_ONLY
@@ -589,9 +594,7 @@ def check_nats_messages(messages: list[RawStreamMsg], events: list[OutboxEvent])
             expected["key"] = e.key
         assert m.headers == expected
         order.setdefault(e.key, []).append(e.id)
-    for key, ids in order.items():
-        if key is not None:
-            assert ids == sorted(ids), f"key {key!r} out of order: {ids}"
+    assert_key_order(order)
 
 
 @ASYNCIO_ONLY

@@ -408,6 +408,7 @@ def test_replay_is_paced_by_a_token_bucket(env: Env) -> None:
         ({"breaker": object()}, TypeError, "breaker"),
         ({"broker": object()}, TypeError, "broker"),
         ({"backoff": 3}, TypeError, "backoff"),
+        ({"name": ""}, ValueError, "name"),
     ],
 )
 def test_bad_configuration_names_the_parameter(

@@ -132,8 +132,8 @@ class Backoff:
     jitter: float = 0.5
 
     def __post_init__(self) -> None:
-        _finite_positive("Backoff(base=)", self.base)
-        _finite_positive("Backoff(maximum=)", self.maximum)
+        positive("Backoff(base=)", self.base)
+        positive("Backoff(maximum=)", self.maximum)
         if not (math.isfinite(self.factor) and self.factor >= 1.0):
             raise ValueError(f"Backoff(factor=) must be >= 1, got {self.factor!r}")
         if not (0.0 <= self.jitter <= 1.0):
@@ -166,16 +166,12 @@ def check_identifier(field: str, value: object) -> str:
     return value
 
 
-def _finite_positive(field: str, value: object) -> float:
+def positive(field: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{field} must be a number, got {type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{field} must be a finite number > 0, got {value!r}")
     return float(value)
-
-
-def positive(field: str, value: object) -> float:
-    return _finite_positive(field, value)
 
 
 def positive_int(field: str, value: object) -> int:

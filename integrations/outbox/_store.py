@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import importlib.resources
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -376,8 +376,3 @@ class SqlStore(abc.ABC):
 
 def _by_id(event: OutboxEvent) -> int:
     return event.id
-
-
-def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -138,6 +138,8 @@ class OutboxPublisher:
             raise TypeError(f"backoff must be a Backoff, got {type(backoff).__name__}")
         self.store = store
         self.broker = broker
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.name = name
         self.batch_size = positive_int("batch_size", batch_size)
         self.max_attempts = positive_int("max_attempts", max_attempts)

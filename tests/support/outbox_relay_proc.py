@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -72,7 +73,7 @@ class HangingBroker:
         if any(r is not None for r in results):
             raise RuntimeError(f"the first events did not reach Redis: {results!r}")
         print("hung " + json.dumps([e.id for e in events]), flush=True)
-        time.sleep(600)
+        threading.Event().wait()  # until the test's SIGKILL: nothing ever sets it
         raise AssertionError("the test should have killed this relay by now")
 
     async def apublish(self, events: Sequence[OutboxEvent]) -> list[BaseException | None]:
