@@ -14,15 +14,17 @@ library or a framework:
 
 from __future__ import annotations
 
-import email.utils
 import hashlib
-import re
+import json
+import math
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
 from resilience.integrations.asgi.ratelimit import _patterns
 
 from resilience.cache import TwoTierCache
+from resilience.http import etag_matches, storable
 
 __all__ = ["ResponseCacheMiddleware"]
 
@@ -61,7 +63,6 @@ _HOP_BY_HOP: Final = frozenset(
 )
 # Request inputs a shared key cannot see: such requests are never cached.
 _UNKEYED: Final = (b"x-http-method-override", b"x-method-override", b"x-http-method")
-_MAX_AGE = re.compile(r"(?:^|,)\s*(s-maxage|max-age)\s*=\s*\"?(\d+)\"?", re.I)
 
 
 def _headers(scope_or_message: MutableMapping[str, Any]) -> list[tuple[bytes, bytes]]:
@@ -71,40 +72,6 @@ def _headers(scope_or_message: MutableMapping[str, Any]) -> list[tuple[bytes, by
 def _get(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     values = [v for k, v in headers if k == name]
     return b", ".join(values) if values else None
-
-
-def _directives(value: bytes | None) -> set[str]:
-    if not value:
-        return set()
-    return {part.split("=", 1)[0].strip().lower() for part in value.decode("latin-1").split(",")}
-
-
-def _lifetime(
-    cache_control: bytes | None, expires: bytes | None, default: float, now: float
-) -> float | None:
-    """Seconds to keep a response: s-maxage, else max-age, else Expires, else ``default``;
-    None: never (RFC 9111 section 4.2.1)."""
-    if cache_control is None:
-        return _expires(expires, default, now)
-    found = {
-        m.group(1).lower(): int(m.group(2))
-        for m in _MAX_AGE.finditer(cache_control.decode("latin-1"))
-    }
-    seconds = found.get("s-maxage", found.get("max-age"))
-    if seconds is None:
-        return _expires(expires, default, now)
-    return float(seconds) if seconds > 0 else None
-
-
-def _expires(expires: bytes | None, default: float, now: float) -> float | None:
-    if expires is None:
-        return default
-    try:
-        when = email.utils.parsedate_to_datetime(expires.decode("latin-1"))
-    except (TypeError, ValueError, IndexError):
-        return None  # an invalid Expires means "already expired" (RFC 9111 5.3)
-    left = when.timestamp() - now
-    return left if left > 0 else None
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -118,17 +85,26 @@ def _etag(body: bytes) -> bytes:
     return b'"' + hashlib.sha256(body).hexdigest()[:32].encode() + b'"'
 
 
-def _opaque(tag: str) -> str:
-    tag = tag.strip()
-    return tag[2:] if tag.startswith("W/") else tag
+def _target(scope: Scope) -> str:
+    """The request target's path as the client sent it, percent-encoding kept.
+
+    ``scope["path"]`` is decoded, so ``/x%3Fy`` and ``/x?y`` would read alike.
+    """
+    raw = scope.get("raw_path")
+    if raw:
+        return bytes(raw).decode("latin-1")
+    return urllib.parse.quote(scope.get("path", ""), safe="/:@!$&'()*+,;=~")
 
 
-def _matches(if_none_match: bytes | None, etag: str) -> bool:
-    if if_none_match is None:
+def _complete(start: Message, size: int) -> bool:
+    """Whether a body of ``size`` bytes is all that ``Content-Length`` promised."""
+    length = _get(_headers(start), b"content-length")
+    if length is None:
+        return True
+    try:
+        return int(length) == size
+    except ValueError:
         return False
-    tags = [t.strip() for t in if_none_match.decode("latin-1").split(",")]
-    # Weak comparison (RFC 9110 13.1.2), as If-None-Match requires: W/"x" matches "x".
-    return "*" in tags or _opaque(etag) in (_opaque(t) for t in tags)
 
 
 class ResponseCacheMiddleware:
@@ -158,8 +134,13 @@ class ResponseCacheMiddleware:
                 "cache: middleware runs on the event loop, so the cache's RedisCache needs "
                 "a redis.asyncio client (a sync client would block every request)"
             )
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
-            raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        if (
+            isinstance(ttl, bool)
+            or not isinstance(ttl, (int, float))
+            or not ttl > 0
+            or not math.isfinite(ttl)
+        ):
+            raise ValueError(f"ttl must be a positive, finite number of seconds, got {ttl!r}")
         if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
             raise ValueError(f"max_body must be an int >= 0, got {max_body!r}")
         if not isinstance(prefix, str) or not prefix:
@@ -181,8 +162,11 @@ class ResponseCacheMiddleware:
 
     def _url(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> str:
         host = (_get(headers, b"host") or b"").decode("latin-1").lower()
-        query = scope.get("query_string", b"").decode("latin-1")
-        raw = f"{scope.get('scheme', 'http')}://{host}{scope.get('path', '')}?{query}"
+        query = bytes(scope.get("query_string", b"")).decode("latin-1")
+        # A JSON list, not "scheme://host/path?query": a Host of "a/b" with path "/c"
+        # must not share a key with host "a" and path "/b/c".
+        parts = [scope.get("scheme", "http"), host, _target(scope), query]
+        raw = json.dumps(parts, ensure_ascii=True)
         return f"{self.prefix}:{hashlib.sha256(raw.encode()).hexdigest()}"
 
     @staticmethod
@@ -234,7 +218,8 @@ class ResponseCacheMiddleware:
         etag: str = stored["e"]
         out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in stored["h"]]
         out.append((b"age", str(age).encode()))
-        if _matches(_get(request_headers, b"if-none-match"), etag):
+        if_none_match = _get(request_headers, b"if-none-match")
+        if etag_matches(None if if_none_match is None else if_none_match.decode("latin-1"), etag):
             keep = {b"etag", b"cache-control", b"vary", b"expires", b"content-location", b"age"}
             await send(
                 {
@@ -263,9 +248,20 @@ class ResponseCacheMiddleware:
         body: list[bytes] = []
         size = 0
         started = False
+        finished = False  # the last body message said more_body=False
+        gone = False  # the client disconnected: what we saw may be a fraction of the body
+
+        async def watch(message: Message) -> Message:
+            nonlocal gone
+            if message["type"] == "http.disconnect":
+                gone = True
+            return message
+
+        async def listen() -> Message:
+            return await watch(await receive())
 
         async def capture(message: Message) -> None:
-            nonlocal start, keep, vary, size, started
+            nonlocal start, keep, vary, size, started, finished
             if message["type"] == "http.response.start":
                 start = message
                 keep, vary = self._cacheable(message)
@@ -279,6 +275,7 @@ class ResponseCacheMiddleware:
                 return
             chunk = bytes(message.get("body", b""))
             more = bool(message.get("more_body", False))
+            finished = not more
             if keep is not None:
                 size += len(chunk)
                 if size > self.max_body:
@@ -294,8 +291,10 @@ class ResponseCacheMiddleware:
                 await send({**start, "headers": headers})
             await send(message)
 
-        await self.app(scope, receive, capture)
-        if start is None or keep is None:
+        await self.app(scope, listen, capture)
+        # Only a whole body is stored: an app that returned mid-stream, or stopped
+        # because its client went away, would otherwise serve a fraction to everyone.
+        if start is None or keep is None or not finished or gone or not _complete(start, size):
             return
         content = b"".join(body)
         headers = [
@@ -321,26 +320,11 @@ class ResponseCacheMiddleware:
 
     def _cacheable(self, start: Message) -> tuple[float | None, list[str]]:
         """(seconds to keep, varied request headers), or (None, []) when not storable."""
-        if start.get("status") not in self.statuses:
-            return None, []
-        headers = _headers(start)
-        if _get(headers, b"set-cookie") is not None:
-            return None, []
-        cache_control = _get(headers, b"cache-control")
-        directives = _directives(cache_control)
-        if directives & {"private", "no-store", "no-cache"}:
-            return None, []
-        vary_value = _get(headers, b"vary")
-        vary = sorted(
-            {
-                v.strip().lower()
-                for v in (vary_value or b"").decode("latin-1").split(",")
-                if v.strip()
-            }
+        found = storable(
+            start.get("status", 0),
+            _headers(start),
+            statuses=self.statuses,
+            default=self.ttl,
+            now=self.cache.clock.time(),
         )
-        if "*" in vary:
-            return None, []
-        seconds = _lifetime(
-            cache_control, _get(headers, b"expires"), self.ttl, self.cache.clock.time()
-        )
-        return (None, []) if seconds is None else (seconds, vary)
+        return (None, []) if found is None else found
