@@ -16,15 +16,23 @@ class CircuitOpenError(ResilienceError):
     on a shared object while a breaker stays open.
     """
 
-    __slots__ = ("name", "retry_after")
+    __slots__ = ("name", "retry_after", "state")
 
-    def __init__(self, name: str, retry_after: float) -> None:
+    def __init__(self, name: str, retry_after: float, state: str = "open") -> None:
         # BaseException.__new__ has already stored args; skipping super() keeps rejection cheap.
         self.name = name
         #: Seconds until the breaker lets a probe through (0.0 when probes are busy).
         self.retry_after = retry_after
+        #: The breaker's state when it refused: "open", or "half_open" when every probe
+        #: slot was taken.
+        self.state = state
 
     def __str__(self) -> str:
+        if self.state == "half_open":
+            return (
+                f"circuit {self.name!r} is half-open and no probe slot is free "
+                f"(probes in flight); retry after {self.retry_after:.3f}s"
+            )
         return f"circuit {self.name!r} is open; retry after {self.retry_after:.3f}s"
 
 

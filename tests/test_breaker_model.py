@@ -65,8 +65,10 @@ class Model:
             return
         if self.state == "half_open":
             if outcome == "failure":
+                self.failures += 1  # a failed probe is one more failure in a row
                 self.move("open", now)
             else:
+                self.failures = 0
                 self.successes += 1
                 if self.successes >= self.needed:
                     self.move("closed", now)
@@ -121,8 +123,7 @@ class BreakerMachine(RuleBasedStateMachine):
         assert self.breaker.state.value == self.model.state
         stats = self.breaker.stats()
         assert stats.probes_in_flight <= 2
-        if self.model.state == "closed":
-            assert stats.consecutive_failures == self.model.failures
+        assert stats.consecutive_failures == self.model.failures
 
 
 BreakerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)

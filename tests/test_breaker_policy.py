@@ -247,11 +247,11 @@ def test_transition_table_covers_every_operator_trigger_from_every_state() -> No
 
 def test_fast_path_flags_follow_state() -> None:
     p = policy(failure_threshold=2, recovery_timeout=1.0)
-    assert (p.free_gen, p.quiet, p.reject_until) == (0, True, -math.inf)
+    assert (p.free, p.quiet, p.reject_until) == ((0, 0, 0), True, -math.inf)
     call(p, FAIL, 0)
     assert p.quiet is False  # a success must now reset the count
     call(p, FAIL, 0)
-    assert (p.free_gen, p.reject_until) == (-1, 1.0)
+    assert (p.free, p.reject_until) == (None, 1.0)
     p.set_observation(observed=True, timed=True, record_successes=False)
     assert p.reject_until == -math.inf  # observed rejections go through the lock
 

@@ -6,8 +6,15 @@ never across the protected call, so async tasks may take it too: it is never hel
 long enough to stall an event loop.
 
 The closed-state path of the default configuration takes no lock: admission reads
-``policy.free_gen`` and success reads ``policy.quiet``; both are single references
+``policy.quiet_free`` and success reads ``policy.quiet``; both are single references
 written under the lock (see ``BreakerPolicy._refresh``).
+
+A call made inside a call of the same breaker (same thread or task: a decorated
+function called through ``b.call``, or inside ``with b:``) passes through: it takes no
+permit and what it raises is counted once. Every path but the lock-free one marks
+"inside" in a context variable; on the lock-free path the policy recognises an
+exception that a nested call already counted (``BreakerPolicy.record``), which keeps
+that path free of context-variable writes.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ ExcTypes = type[BaseException] | tuple[type[BaseException], ...]
 BreakerEvent = StateChanged | CallRejected | CallFinished
 
 _DEFAULT_THRESHOLD: Final = 5
+_INSIDE: Final[tuple[None]] = (None,)  # the context mark of a call in progress
 _UNSET: Any = object()
 _INF: Final = math.inf
 
@@ -87,11 +95,19 @@ class Permit:
 
     __slots__ = ("_admission", "_breaker", "_settled", "_start")
 
-    def __init__(self, breaker: CircuitBreaker, admission: Admission, start: float | None) -> None:
+    def __init__(
+        self,
+        breaker: CircuitBreaker,
+        admission: Admission,
+        start: float | None,
+        *,
+        nested: bool = False,
+    ) -> None:
         self._breaker = breaker
         self._admission = admission
         self._start = start
-        self._settled = False
+        # Nested in a call of the same breaker: the outer call reports, this one never.
+        self._settled = nested
 
     def _settle(self) -> bool:
         if self._settled:
@@ -195,7 +211,9 @@ class CircuitBreaker:
         self._quick_reads = 0
         self._policy = BreakerPolicy(self.config)
         self._events: Dispatcher[BreakerEvent] = Dispatcher(listeners)
-        self._stack: contextvars.ContextVar[tuple[Permit, ...]] = contextvars.ContextVar(
+        # Non-empty while a call of this breaker is in progress in this context: the
+        # `with` blocks' permits (None for a block nested in another call), or _INSIDE.
+        self._stack: contextvars.ContextVar[tuple[Permit | None, ...]] = contextvars.ContextVar(
             f"resilience.breaker.{name}", default=()
         )
         self._observe()
@@ -324,15 +342,15 @@ class CircuitBreaker:
 
     def _begin(self) -> tuple[Admission, float | None]:
         """Admit one call: lock-free when closed and untimed, else through _enter."""
-        gen = self._policy.free_gen
-        if gen >= 0:
-            return (gen, 0), None
+        admission = self._policy.free
+        if admission is not None:
+            return admission, None
         return self._enter()
 
     async def _abegin(self) -> tuple[Admission, float | None]:
-        gen = self._policy.free_gen
-        if gen >= 0:
-            return (gen, 0), None
+        admission = self._policy.free
+        if admission is not None:
+            return admission, None
         return await self._aenter()
 
     def _enter(self) -> tuple[Admission, float | None]:
@@ -340,7 +358,8 @@ class CircuitBreaker:
         if self._events.queue:
             self._events.drain()
         if result.__class__ is float:
-            raise CircuitOpenError(self.name, result)
+            # The state, read without the lock, only words the message.
+            raise CircuitOpenError(self.name, result, self._policy.state._value_)
         return cast("tuple[Admission, float | None]", result)
 
     async def _aenter(self) -> tuple[Admission, float | None]:
@@ -348,7 +367,7 @@ class CircuitBreaker:
         if self._events.queue:
             await self._adrain()
         if result.__class__ is float:
-            raise CircuitOpenError(self.name, result)
+            raise CircuitOpenError(self.name, result, self._policy.state._value_)
         return cast("tuple[Admission, float | None]", result)
 
     def _record(
@@ -424,30 +443,62 @@ class CircuitBreaker:
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` through the breaker."""
-        admission, start = self._begin()
+        return self._call(fn, args, kwargs)
+
+    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Await ``fn(*args, **kwargs)`` through the breaker."""
+        return await self._acall(fn, args, kwargs)
+
+    # The full path of every call shape: nested calls pass through, the rest mark the
+    # context while they run.
+    def _call(self, fn: Callable[..., R], args: Any, kwargs: Any) -> R:
+        stack = self._stack
+        if stack.get():
+            return fn(*args, **kwargs)  # inside a call of this breaker: that call counts
+        # _begin inlined: a rejection raised here unwinds one frame fewer.
+        admission = self._policy.free
+        start = None
+        if admission is None:
+            admission, start = self._enter()
+        token = stack.set(_INSIDE)
         try:
             result = fn(*args, **kwargs)
         except BaseException as error:
+            stack.reset(token)
             self._on_error(admission, start, error)
             raise
+        stack.reset(token)
         if not self._policy.quiet:
             self._on_result(admission, start, result)
         return result
 
-    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Await ``fn(*args, **kwargs)`` through the breaker."""
-        admission, start = await self._abegin()
+    async def _acall(self, fn: Callable[..., Awaitable[R]], args: Any, kwargs: Any) -> R:
+        stack = self._stack
+        if stack.get():
+            return await fn(*args, **kwargs)
+        admission = self._policy.free
+        start = None
+        if admission is None:
+            admission, start = await self._aenter()
+        token = stack.set(_INSIDE)
         try:
             result = await fn(*args, **kwargs)
         except BaseException as error:
+            stack.reset(token)
             await self._aon_error(admission, start, error)
             raise
+        stack.reset(token)
         if not self._policy.quiet:
             await self._aon_result(admission, start, result)
         return result
 
     def try_acquire(self) -> Permit | None:
-        """Admit one call without raising: a Permit to report on, or None if rejected."""
+        """Admit one call without raising: a Permit to report on, or None if rejected.
+
+        Inside a call of this breaker the permit reports nothing: the outer call does.
+        """
+        if self._stack.get():
+            return Permit(self, (0, 0, 0), None, nested=True)
         result = self._admit()
         if self._events.queue:
             self._events.drain()
@@ -457,6 +508,8 @@ class CircuitBreaker:
         return Permit(self, admission, start)
 
     async def atry_acquire(self) -> Permit | None:
+        if self._stack.get():
+            return Permit(self, (0, 0, 0), None, nested=True)
         result = self._admit()
         if self._events.queue:
             await self._adrain()
@@ -467,14 +520,18 @@ class CircuitBreaker:
 
     # `with b:` keeps its permit in a context variable: the breaker is shared, so the
     # permit of one thread or task must never sit on the object.
-    def _pop_permit(self) -> Permit:
+    def _pop_permit(self) -> Permit | None:
         stack = self._stack.get()
         self._stack.set(stack[:-1])
         return stack[-1]
 
     def __enter__(self) -> CircuitBreaker:
+        stack = self._stack.get()
+        if stack:  # nested in a call of this breaker: pass through
+            self._stack.set((*stack, None))
+            return self
         admission, start = self._begin()
-        self._stack.set((*self._stack.get(), Permit(self, admission, start)))
+        self._stack.set((Permit(self, admission, start),))
         return self
 
     def __exit__(
@@ -484,6 +541,8 @@ class CircuitBreaker:
         tb: TracebackType | None,
     ) -> None:
         permit = self._pop_permit()
+        if permit is None:
+            return
         if exc is None:
             if not self._policy.quiet:
                 permit.success()
@@ -491,8 +550,12 @@ class CircuitBreaker:
             self._on_error(permit._admission, permit._start, exc)
 
     async def __aenter__(self) -> CircuitBreaker:
+        stack = self._stack.get()
+        if stack:
+            self._stack.set((*stack, None))
+            return self
         admission, start = await self._abegin()
-        self._stack.set((*self._stack.get(), Permit(self, admission, start)))
+        self._stack.set((Permit(self, admission, start),))
         return self
 
     async def __aexit__(
@@ -502,6 +565,8 @@ class CircuitBreaker:
         tb: TracebackType | None,
     ) -> None:
         permit = self._pop_permit()
+        if permit is None:
+            return
         if exc is None:
             if not self._policy.quiet:
                 await permit.asuccess()
@@ -535,51 +600,45 @@ class CircuitBreaker:
         return self._wrap_sync(fn)
 
     def _wrap_sync(self, fn: Callable[P, R]) -> Callable[P, R]:
-        policy, enter, on_error, on_result = (
+        policy, on_error, on_result, full = (
             self._policy,
-            self._enter,
             self._on_error,
             self._on_result,
+            self._call,
         )
 
         @functools.wraps(fn)
         def breaker_sync(*args: P.args, **kwargs: P.kwargs) -> R:
-            gen = policy.free_gen
-            if gen >= 0:  # closed and untimed: admit without the lock
-                admission: Admission = (gen, 0)
-                start = None
-            else:
-                admission, start = enter()
+            admission = policy.quiet_free
+            if admission is None:  # not closed-and-quiet: the full path
+                return full(fn, args, kwargs)
             try:
                 result = fn(*args, **kwargs)
             except BaseException as error:
-                on_error(admission, start, error)
+                on_error(admission, None, error)
                 raise
             if not policy.quiet:
-                on_result(admission, start, result)
+                on_result(admission, None, result)
             return result
 
         return breaker_sync
 
     def _wrap_async(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-        policy, aenter = self._policy, self._aenter
+        policy, full = self._policy, self._acall
         aon_error, aon_result = self._aon_error, self._aon_result
 
         @functools.wraps(fn)
         async def breaker_async(*args: P.args, **kwargs: P.kwargs) -> R:
-            gen = policy.free_gen
-            if gen >= 0:
-                admission: Admission = (gen, 0)
-                start = None
-            else:
-                admission, start = await aenter()
+            admission = policy.quiet_free
+            if admission is None:
+                return await full(fn, args, kwargs)
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as error:
-                await aon_error(admission, start, error)
+                await aon_error(admission, None, error)
                 raise
             if not policy.quiet:
-                await aon_result(admission, start, result)
+                await aon_result(admission, None, result)
             return result
 
         return breaker_async

@@ -9,7 +9,9 @@ after it releases the lock.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Final
@@ -399,8 +401,12 @@ def _make_window(rule: FailureRate | SlowCallRate) -> _Window:
 
 # -- the state machine ------------------------------------------------------------------
 
-#: What ``admit`` returns for an admitted call: (generation, probe token; 0 if not a probe).
-Admission = tuple[int, int]
+#: What ``admit`` returns for an admitted call: (generation, probe token; 0 if not a
+#: probe, failures counted so far). The last part lets a call tell whether an exception
+#: reaching it was already counted by a call nested inside it (see ``record``).
+Admission = tuple[int, int, int]
+
+_uids = itertools.count(1)
 
 
 class BreakerPolicy:
@@ -415,7 +421,10 @@ class BreakerPolicy:
         self.trips = 0  # consecutive trips without a close, for recovery backoff
         self.total_trips = 0
         self.rejected = 0
-        self.failures = 0  # consecutive failures while closed
+        self.failures = 0  # consecutive failed calls (probes included)
+        self.counted = 0  # failures ever counted: a serial for Admission and error marks
+        # Each counted exception carries this attribute with the serial that counted it.
+        self._mark = f"_resilience_counted_{next(_uids)}"
         self.half_open_successes = 0
         self.probes: dict[int, float] = {}  # token -> lease deadline
         self._next_probe = 1
@@ -434,17 +443,18 @@ class BreakerPolicy:
             config.failure_rate is not None and config.failure_rate.window_seconds is not None
         )
         # Fast-path flags, read without the lock by the shell (see _refresh).
-        self.free_gen = 0
         self.quiet = True
+        self.free: Admission | None = (0, 0, 0)
+        self.quiet_free: Admission | None = (0, 0, 0)
         self.reject_until = -math.inf
         self._refresh()
 
-    # The shell reads these two attributes without its lock. Each is one reference, so a
-    # reader sees either the old or the new value; both are safe linearization points.
+    # The shell reads free, quiet_free, quiet and reject_until without its lock. Each is
+    # one reference, so a reader sees either the old or the new value; both are safe
+    # linearization points.
     def _refresh(self) -> None:
         mode = self.mode
         admit_freely = (self.state is _C and mode is not BreakerMode.FORCED_OPEN) and not self.timed
-        self.free_gen = self.gen if admit_freely else -1
         # Rejections before this monotonic time need no decision; unobserved only, since
         # observed rejections emit events in order under the lock.
         if mode is BreakerMode.FORCED_OPEN:
@@ -466,6 +476,9 @@ class BreakerPolicy:
             and not self.record_successes
             and not self.observed
         )
+        # The admissions of the lock-free paths, built once per change, not per call.
+        self.free = (self.gen, 0, self.counted) if admit_freely else None
+        self.quiet_free = self.free if self.quiet else None
 
     def set_observation(self, observed: bool, timed: bool, record_successes: bool) -> None:
         self.observed = observed
@@ -535,11 +548,11 @@ class BreakerPolicy:
         if mode is BreakerMode.FORCED_OPEN:
             return self._reject(self.config.recovery_timeout, now)
         if mode is not BreakerMode.NORMAL:
-            return (self.gen, 0)
+            return (self.gen, 0, self.counted)
         self._catch_up(now)
         state = self.state
         if state is _C:
-            return (self.gen, 0)
+            return (self.gen, 0, self.counted)
         if state is _O:
             return self._reject(self.open_until - now, now)
         probes = self.probes
@@ -552,7 +565,7 @@ class BreakerPolicy:
         token = self._next_probe
         self._next_probe = token + 1
         probes[token] = now + self.config.lease
-        return (self.gen, token)
+        return (self.gen, token, self.counted)
 
     def _reject(self, retry_after: float, now: float) -> float:
         self.rejected += 1
@@ -570,8 +583,14 @@ class BreakerPolicy:
         duration: float | None,
         error: BaseException | None = None,
     ) -> None:
-        """Record how an admitted call ended. Calls from an earlier generation are ignored."""
-        gen, probe = admission
+        """Record how an admitted call ended. Calls from an earlier generation are ignored.
+
+        A failure whose exception was already counted by a call nested inside this one
+        (same breaker, counted after this call was admitted) is not counted again.
+        """
+        gen, probe, counted = admission
+        if outcome is Outcome.FAILURE and error is not None and self._counted_since(error, counted):
+            outcome = Outcome.IGNORED
         stale = gen != self.gen
         if probe and not stale:
             # A probe counts only if it reports before its lease ends.
@@ -586,10 +605,14 @@ class BreakerPolicy:
         slow_rule = self.config.slow_call_rate
         slow = slow_rule is not None and duration is not None and duration >= slow_rule.duration
         failed = outcome is Outcome.FAILURE
+        if failed:
+            self._count(error)
         if self.state is _H:
             if failed or slow:
+                self.failures += failed  # a failed probe is one more failure in a row
                 self._transition(Trigger.PROBE_FAILED, now)
             else:
+                self.failures = 0
                 self.half_open_successes += 1
                 if self.half_open_successes >= self.config.success_threshold:
                     self._transition(Trigger.PROBES_SUCCEEDED, now)
@@ -607,6 +630,21 @@ class BreakerPolicy:
             self._transition(Trigger.TRIP, now)
         else:
             self._refresh()
+
+    def _counted_since(self, error: BaseException, serial: int) -> bool:
+        try:
+            mark = error.__dict__.get(self._mark)
+        except AttributeError:  # no __dict__: nothing was marked
+            return False
+        return mark is not None and mark > serial
+
+    def _count(self, error: BaseException | None) -> None:
+        self.counted += 1
+        if error is not None:
+            # An int keyed by this policy: pickling or copying the error stays cheap.
+            # Unmarkable errors (no __dict__) may then count twice when nested.
+            with contextlib.suppress(AttributeError, TypeError):
+                error.__dict__[self._mark] = self.counted
 
     def _should_trip(self, now: float) -> bool:
         cfg = self.config
