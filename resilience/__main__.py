@@ -2,19 +2,25 @@
 
 resilience demo [--redis URL] [--postgres DSN]
 resilience breakers --redis URL                   breaker states every instance shares
-resilience force NAME open|closed|auto --redis URL
+resilience force NAME open|closed|auto --redis URL [--anyway]
 resilience buckets --redis URL [--prefix rl]      token-bucket levels kept in Redis
 resilience outbox stats|dead|replay|purge (--sqlite PATH | --postgres DSN)
+
+Every error is one line on stderr and exit status 2. `resilience COMMAND --help` says more.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
+
+from resilience import __version__
 
 __all__ = ["main"]
 
@@ -23,48 +29,148 @@ class CliError(Exception):
     """A problem to report in one line, without a traceback."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="resilience", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"resilience {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, help="COMMAND --help for its options"
+    )
 
-    demo = sub.add_parser("demo", help="the whole story in one run (no servers needed)")
+    demo = _command(
+        sub, "demo", _demo, "the whole story in one run (no servers needed)",
+        "A shop served on a loopback port and driven by a real HTTP client: orders rate\n"
+        "limited and written with an outbox event, product pages cached, a relay publishing\n"
+        "through a breaker to a broker that goes down and comes back.",
+    )  # fmt: skip
     demo.add_argument("--redis", metavar="URL", help="use this Redis for limiter and cache")
     demo.add_argument("--postgres", metavar="DSN", help="use this PostgreSQL for the outbox")
     demo.add_argument("--fast", action="store_true", help="shorter pauses (for tests)")
 
-    breakers = sub.add_parser("breakers", help="breaker states shared through Redis")
+    breakers = _command(
+        sub, "breakers", _breakers, "breaker states shared through Redis",
+        "Every breaker instance that shares its state through a RedisBreakerStore: state,\n"
+        "for how long, trips, and any override set with `resilience force`.",
+    )  # fmt: skip
     _redis_args(breakers, "resilience:breaker")
 
-    force = sub.add_parser("force", help="force a shared breaker open or closed, or lift it")
-    force.add_argument("name")
-    force.add_argument("state", choices=["open", "closed", "auto"])
-    _redis_args(force, "resilience:breaker")
-
-    buckets = sub.add_parser("buckets", help="token-bucket levels kept in Redis")
-    _redis_args(buckets, "rl")
-    buckets.add_argument("--match", default="*", help="glob over bucket keys (default: all)")
-    buckets.add_argument("--rate", type=float, help="tokens/s, for limiters with custom names")
-    buckets.add_argument("--capacity", type=float, help="capacity, with --rate")
-    buckets.add_argument("--limit", type=int, default=50, help="rows to show (default 50)")
-
-    outbox = sub.add_parser("outbox", help="outbox backlog, dead events, replay, purge")
-    outbox.add_argument("action", choices=["stats", "dead", "replay", "purge"])
-    where = outbox.add_mutually_exclusive_group(required=True)
-    where.add_argument("--sqlite", metavar="PATH")
-    where.add_argument("--postgres", metavar="DSN")
-    outbox.add_argument("--schema", help="PostgreSQL schema of the table")
-    outbox.add_argument("--table", default="resilience_outbox")
-    outbox.add_argument("--topic")
-    outbox.add_argument("--key")
-    outbox.add_argument("--id", type=int, action="append", dest="ids", help="repeatable")
-    outbox.add_argument("--error", help="replay rows whose last error contains this")
-    outbox.add_argument("--limit", type=int, default=100)
-    outbox.add_argument(
-        "--older-than", type=float, default=7 * 86400.0, help="purge: seconds (default a week)"
+    force = _command(
+        sub, "force", _force, "force a shared breaker open or closed, or lift it",
+        "Force a shared breaker open or closed on every instance (they apply it within their\n"
+        "store interval), or lift the override with `auto`. A name no instance reports is\n"
+        "refused (exit status 2) unless --anyway is given.",
+    )  # fmt: skip
+    force.add_argument("name", metavar="NAME", help="the breaker's name, as `breakers` lists it")
+    force.add_argument(
+        "state",
+        metavar="STATE",
+        choices=["open", "closed", "auto"],
+        help="open: reject calls; closed: let every call through; auto: lift the override",
     )
-    outbox.add_argument("--dead", action="store_true", help="purge: old dead rows too")
+    _redis_args(force, "resilience:breaker")
+    force.add_argument(
+        "--anyway",
+        action="store_true",
+        help="set it although no instance reports the name (instances that start later apply it)",
+    )
+
+    buckets = _command(
+        sub, "buckets", _buckets, "token-bucket levels kept in Redis",
+        "Token-bucket levels kept in Redis by RedisBackend. A full bucket has no key, so only\n"
+        "partly used buckets show.",
+    )  # fmt: skip
+    _redis_args(buckets, "rl")
+    buckets.add_argument(
+        "--match", metavar="KEY", default="*", help="glob over bucket keys (default: all)"
+    )
+    buckets.add_argument(
+        "--rate", metavar="R", type=_positive, help="tokens/s, for limiters with custom names"
+    )
+    buckets.add_argument("--capacity", metavar="C", type=_positive, help="capacity, with --rate")
+    buckets.add_argument(
+        "--limit", metavar="N", type=_count, default=50, help="rows to show (default 50)"
+    )
+
+    outbox = sub.add_parser(
+        "outbox",
+        help="outbox backlog, dead events, replay, purge",
+        description="Look at an outbox table and act on its dead and old rows.",
+    )
+    actions = outbox.add_subparsers(
+        dest="action", metavar="ACTION", required=True, help="ACTION --help for its options"
+    )
+
+    stats = _command(
+        actions, "stats", _outbox(_stats), "pending, in flight, dead, oldest pending, blocked keys",
+        "Pending, in flight and dead rows, the oldest pending row's age, and the keys whose\n"
+        "head event is backing off (the events queued behind it wait).",
+    )  # fmt: skip
+    _where(stats)
+
+    dead = _command(
+        actions, "dead", _outbox(_dead), "dead events with their last error",
+        "Dead events, oldest first, with their attempts and last error.",
+    )  # fmt: skip
+    _where(dead)
+    dead.add_argument("--topic", metavar="T", help="only events of this topic")
+    dead.add_argument(
+        "--limit", metavar="N", type=_count, default=100, help="rows to show (default 100)"
+    )
+
+    replay = _command(
+        actions, "replay", _outbox(_replay), "move matching dead events back to pending",
+        "Move the dead events matching every given filter back to pending, attempts reset.\n"
+        "Without a filter, every dead event. Running relays publish them through their\n"
+        "breaker.",
+    )  # fmt: skip
+    _where(replay)
+    replay.add_argument(
+        "--id", metavar="N", type=_count, action="append", dest="ids",
+        help="this row id (repeatable)",
+    )  # fmt: skip
+    replay.add_argument("--topic", metavar="T", help="only events of this topic")
+    replay.add_argument("--key", metavar="K", help="only events of this key")
+    replay.add_argument(
+        "--error", metavar="TEXT", help="only events whose last error contains TEXT"
+    )
+    replay.add_argument(
+        "--limit", metavar="N", type=_count,
+        help="at most N events (default: every match dead when the replay starts)",
+    )  # fmt: skip
+
+    purge = _command(
+        actions, "purge", _outbox(_purge), "delete old published (and dead) rows",
+        "Delete published rows older than --older-than, a thousand rows per transaction so\n"
+        "no lock is held long; with --dead, old dead rows too.",
+    )  # fmt: skip
+    _where(purge)
+    purge.add_argument(
+        "--older-than", metavar="SECONDS", type=_positive, default=7 * 86400.0,
+        help="age in seconds (default 604800, a week)",
+    )  # fmt: skip
+    purge.add_argument("--dead", action="store_true", help="dead rows older than that too")
+    return parser
+
+
+def _command(
+    sub: argparse._SubParsersAction[_Parser],
+    name: str,
+    run: Callable[[argparse.Namespace], int],
+    summary: str,
+    description: str,
+) -> _Parser:
+    parser = sub.add_parser(
+        name, help=summary, description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.set_defaults(run=run, parser=parser)
     return parser
 
 
@@ -73,24 +179,103 @@ def _redis_args(parser: argparse.ArgumentParser, prefix: str) -> None:
     parser.add_argument("--prefix", default=prefix, help=f"key prefix (default {prefix})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    command: Callable[[argparse.Namespace], int] = {
-        "demo": _demo,
-        "breakers": _breakers,
-        "force": _force,
-        "buckets": _buckets,
-        "outbox": _outbox,
-    }[args.command]
+def _where(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--sqlite", metavar="PATH", help="the SQLite file holding the outbox")
+    where.add_argument(
+        "--postgres", metavar="DSN", help="postgresql://user@host/db or a key=value DSN"
+    )
+    parser.add_argument("--schema", metavar="S", help="the table's schema (with --postgres)")
+    parser.add_argument(
+        "--table", metavar="T", default="resilience_outbox",
+        help="the outbox table (default resilience_outbox)",
+    )  # fmt: skip
+
+
+def _count(text: str) -> int:
     try:
-        return command(args)
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # Reported by the subcommand, so `outbox replay --older-than 5` names replay.
+            args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as stop:  # --help, --version, or a usage error (already printed)
+        return stop.code if isinstance(stop.code, int) else 2
+    try:
+        return int(args.run(args))
     except CliError as error:
-        print(f"resilience {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        message = str(error)
+    except ImportError as error:
+        message = _missing(error)
+    except Exception as error:
+        if not _is_service_error(error):
+            raise
+        message = f"{type(error).__name__}: {error}"
+    print(f"{args.parser.prog}: error: {_one_line(message)}", file=sys.stderr)
+    return 2
 
 
 def _fail(message: str) -> NoReturn:
     raise CliError(message)
+
+
+def _is_service_error(error: Exception) -> bool:
+    module = type(error).__module__.split(".")[0]
+    return module in ("redis", "psycopg", "sqlite3") or isinstance(error, OSError)
+
+
+def _one_line(text: str) -> str:
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("LINE "):
+            break  # psycopg's quote of the SQL and a caret follow: noise for an operator
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines) or "failed without a message"
+
+
+# The extras (pyproject.toml) that install the modules an optional feature imports.
+_EXTRAS = {
+    "psycopg": "postgres",
+    "psycopg_pool": "postgres",
+    "starlette": "demo",
+    "uvicorn": "demo",
+    "httpx": "demo",
+    "msgpack": "msgpack",
+    "aio_pika": "rabbitmq",
+    "nats": "nats",
+}
+
+
+def _missing(error: ImportError) -> str:
+    cause: BaseException | None = error
+    while cause is not None:
+        name = getattr(cause, "name", None) or ""
+        extra = _EXTRAS.get(name.split(".")[0])
+        if extra:
+            return f"{name} is not installed: pip install 'resilience[{extra}]'"
+        cause = cause.__cause__
+    return str(error)
 
 
 # -- output ------------------------------------------------------------------------------
@@ -162,10 +347,34 @@ def _force(args: argparse.Namespace) -> int:
     from resilience.breaker.store import RedisBreakerStore
 
     store = RedisBreakerStore(_redis(args.redis), prefix=args.prefix)
-    store.force(args.name, None if args.state == "auto" else args.state)
-    store.close()
-    what = "lifted: the breaker decides again" if args.state == "auto" else f"forced {args.state}"
-    print(f"{args.name}: {what} (instances apply it within their store interval)")
+    try:
+        rows = [r for r in store.states() if r["name"] == args.name]
+        # A row without an instance is an override alone: nobody runs that breaker.
+        running = sum(1 for r in rows if r.get("instance"))
+        if args.state == "auto":
+            forced = any(r.get("force") for r in rows)
+            store.force(args.name, None)  # even so: an override may have appeared since
+            if forced:
+                print(f"{args.name}: lifted: the breaker decides again "
+                      "(instances apply it within their store interval)")  # fmt: skip
+            else:
+                print(f"{args.name}: nothing to lift (no override under {args.prefix!r})")
+            return 0
+        if not running and not args.anyway:
+            _fail(
+                f"no instance reports breaker {args.name!r} under prefix {args.prefix!r} "
+                "(nothing set; check the name and --prefix with `resilience breakers`, "
+                "or pass --anyway to force it for instances that start later)"
+            )
+        store.force(args.name, args.state)
+    finally:
+        store.close()
+    if running:
+        print(f"{args.name}: forced {args.state} on {running} instance(s) "
+              "(they apply it within their store interval)")  # fmt: skip
+    else:
+        print(f"{args.name}: forced {args.state}; no instance reports it yet, "
+              "instances that start later will apply it")  # fmt: skip
     return 0
 
 
@@ -173,9 +382,9 @@ _DEFAULT_NAME = re.compile(r"^(?P<capacity>[0-9.e+-]+)@(?P<rate>[0-9.e+-]+)/s$")
 
 
 def _buckets(args: argparse.Namespace) -> int:
-    client = _redis(args.redis)
     if (args.rate is None) != (args.capacity is None):
         _fail("--rate and --capacity go together")
+    client = _redis(args.redis)
     seconds, micros = client.time()
     now_us = seconds * 1_000_000 + micros
     rows = []
@@ -202,6 +411,8 @@ def _buckets(args: argparse.Namespace) -> int:
         print("no buckets below capacity (a full bucket has no key)")
         return 0
     print(_table(["key", "limiter", "tokens", "full in"], sorted(rows)))
+    if len(rows) >= args.limit:
+        print(f"(stopped at --limit {args.limit}; more may match)")
     return 0
 
 
@@ -215,6 +426,8 @@ def _outbox_store(args: argparse.Namespace) -> Any:
         if args.sqlite:
             import os
 
+            if args.schema is not None:
+                _fail("--schema is for --postgres (a SQLite file has no schemas)")
             if not os.path.exists(args.sqlite):
                 _fail(f"--sqlite {args.sqlite!r}: no such file")
             return SqliteOutboxStore(args.sqlite, table=args.table)
@@ -229,46 +442,89 @@ def _outbox_store(args: argparse.Namespace) -> Any:
         _fail(str(error))
 
 
-def _outbox(args: argparse.Namespace) -> int:
-    store = _outbox_store(args)
-    try:
-        return _outbox_action(store, args)
-    except Exception as error:
-        if type(error).__module__.split(".")[0] in ("psycopg", "sqlite3") or isinstance(
-            error, OSError
-        ):
-            _fail(f"cannot use the outbox store: {error}".strip())
-        raise
-    finally:
-        store.close()
+Action = Callable[[Any, argparse.Namespace], int]
 
 
-def _outbox_action(store: Any, args: argparse.Namespace) -> int:
-    if args.action == "stats":
-        s = store.stats()
-        print(
-            _table(
-                ["pending", "in flight", "dead", "oldest pending", "blocked keys"],
-                [(s.pending, s.in_flight, s.dead, _age(s.oldest_pending_age), s.blocked_keys)],
-            )
+def _outbox(action: Action) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        store = _outbox_store(args)
+        try:
+            return action(store, args)
+        except (TypeError, ValueError) as error:
+            _fail(str(error))  # a value the store refuses (argparse checks the known ones)
+        except Exception as error:
+            if not _is_service_error(error):
+                raise
+            if _no_table(error):
+                name = getattr(store, "qualified", store.table)
+                _fail(
+                    f"the outbox table {name!r} does not exist: create it with "
+                    f"{type(store).__name__}(...).create_schema() (idempotent)"
+                )
+            _fail(f"cannot use the outbox store: {error}")
+        finally:
+            store.close()
+
+    return run
+
+
+def _no_table(error: Exception) -> bool:
+    if isinstance(error, sqlite3.OperationalError):
+        return str(error).startswith("no such table")
+    return getattr(error, "sqlstate", None) == "42P01"  # psycopg's UndefinedTable
+
+
+def _stats(store: Any, args: argparse.Namespace) -> int:
+    s = store.stats()
+    print(
+        _table(
+            ["pending", "in flight", "dead", "oldest pending", "blocked keys"],
+            [(s.pending, s.in_flight, s.dead, _age(s.oldest_pending_age), s.blocked_keys)],
         )
-    elif args.action == "dead":
-        rows = [
-            (d.id, d.event_id, d.topic, d.key or "-", d.attempts, (d.last_error or "")[:60])
-            for d in store.dead(topic=args.topic, limit=args.limit)
-        ]
-        if not rows:
-            print("no dead events")
-        else:
-            print(_table(["id", "event id", "topic", "key", "attempts", "last error"], rows))
-    elif args.action == "replay":
-        moved = store.replay(
-            ids=args.ids, topic=args.topic, key=args.key, error=args.error, limit=args.limit
-        )
-        print(f"replayed {moved} dead event(s); running relays publish them through their breaker")
-    else:
-        deleted = store.purge(args.older_than, dead=args.dead)
-        print(f"purged {deleted} row(s) older than {_age(args.older_than)}")
+    )
+    return 0
+
+
+def _dead(store: Any, args: argparse.Namespace) -> int:
+    rows = [
+        (d.id, d.event_id, d.topic, d.key or "-", d.attempts, (d.last_error or "")[:60])
+        for d in store.dead(topic=args.topic, limit=args.limit)
+    ]
+    if not rows:
+        print("no dead events")
+        return 0
+    print(_table(["id", "event id", "topic", "key", "attempts", "last error"], rows))
+    if len(rows) >= args.limit:
+        print(f"(stopped at --limit {args.limit}; more may be dead)")
+    return 0
+
+
+_REPLAY_CHUNK = 1000  # rows per store call: one short transaction each
+
+
+def _replay(store: Any, args: argparse.Namespace) -> int:
+    # Bounded by the dead count at the start: an event that dies again at once (a relay
+    # is running) must not be replayed over and over by this one command.
+    budget = store.stats().dead
+    if args.limit is not None:
+        budget = min(budget, args.limit)
+    moved = 0
+    while moved < budget:
+        chunk = min(_REPLAY_CHUNK, budget - moved)
+        n = store.replay(ids=args.ids, topic=args.topic, key=args.key, error=args.error,
+                         limit=chunk)  # fmt: skip
+        moved += n
+        if n < chunk:
+            break
+    print(f"replayed {moved} dead event(s); running relays publish them through their breaker")
+    if args.limit is not None and moved >= args.limit:
+        print(f"(stopped at --limit {args.limit}; more may match)")
+    return 0
+
+
+def _purge(store: Any, args: argparse.Namespace) -> int:
+    deleted = store.purge(args.older_than, dead=args.dead)
+    print(f"purged {deleted} row(s) older than {_age(args.older_than)}")
     return 0
 
 

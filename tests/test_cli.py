@@ -3,6 +3,9 @@ it reads."""
 
 from __future__ import annotations
 
+import argparse
+import re
+import shlex
 import socket
 import sqlite3
 import subprocess
@@ -10,14 +13,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import redis
-from resilience.integrations.outbox import PostgresOutboxStore, RowFailure, SqliteOutboxStore
 
 import resilience as rs
-from resilience.__main__ import main
+import resilience.__main__ as cli
+from resilience.__main__ import _parser, main
+from resilience.integrations.outbox import PostgresOutboxStore, RowFailure, SqliteOutboxStore
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -236,3 +241,326 @@ def test_outbox_commands_on_postgres(
         _fill(store, conn)
     _outbox_story(capsys, ["--postgres", postgres_dsn, "--schema", pg_schema], store)
     store.close()
+
+
+# -- one line and exit status 2 on every error -------------------------------------------
+
+
+def _sqlite_store(tmp_path: Path) -> tuple[SqliteOutboxStore, list[str]]:
+    path = tmp_path / "shop.db"
+    store = SqliteOutboxStore(path)
+    store.create_schema()
+    return store, ["--sqlite", str(path)]
+
+
+@pytest.mark.parametrize(
+    ("argv", "prog", "says"),
+    [
+        (["outbox", "purge", "--older-than", "0"], "outbox purge", "argument --older-than"),
+        (["outbox", "purge", "--older-than", "nan"], "outbox purge", "argument --older-than"),
+        (["outbox", "dead", "--limit", "0"], "outbox dead", "argument --limit"),
+        (["outbox", "dead", "--limit", "-1"], "outbox dead", "argument --limit"),
+        (["outbox", "replay", "--limit", "0"], "outbox replay", "argument --limit"),
+        (["outbox", "replay", "--id", "x"], "outbox replay", "argument --id"),
+        (["outbox", "replay", "--older-than", "5"], "outbox replay",
+         "unrecognized arguments: --older-than 5"),
+        (["outbox", "stats", "--dead"], "outbox stats", "unrecognized arguments: --dead"),
+        (["outbox", "stats", "--schema", "s"], "outbox stats", "--schema is for --postgres"),
+        (["outbox", "stats", "--table", "no-such;"], "outbox stats",
+         "table must be a plain SQL identifier"),
+        (["outbox"], "outbox", "required: ACTION"),
+    ],
+)  # fmt: skip
+def test_bad_values_and_options_get_one_line_and_status_2(
+    argv: list[str], prog: str, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store, where = _sqlite_store(tmp_path)
+    code, out, err = run(capsys, *argv, *(where if len(argv) > 1 else []))
+    store.close()
+    assert code == 2
+    assert out == ""
+    assert err.startswith(f"resilience {prog}: error: ")
+    assert says in err
+    assert len(err.splitlines()) == 1
+
+
+def test_bad_bucket_values_are_refused_before_connecting(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    port = _free_port()  # nothing listens: a connection attempt would fail differently
+    for option in ("--limit", "--rate", "--capacity"):
+        code, _, err = run(capsys, "buckets", "--redis", f"redis://127.0.0.1:{port}/0",
+                           option, "0")  # fmt: skip
+        assert code == 2
+        assert err.startswith(f"resilience buckets: error: argument {option}: ")
+        assert len(err.splitlines()) == 1
+
+
+def test_a_missing_extra_is_named_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if resilience[postgres] were absent
+    code, _, err = run(capsys, "outbox", "stats", "--postgres",
+                       "postgresql://postgres@127.0.0.1:5432/postgres")  # fmt: skip
+    assert code == 2
+    assert err == (
+        "resilience outbox stats: error: psycopg is not installed: "
+        "pip install 'resilience[postgres]'\n"
+    )
+
+
+def test_a_missing_sqlite_table_says_to_create_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "empty.db"
+    sqlite3.connect(path).close()
+    code, _, err = run(capsys, "outbox", "stats", "--sqlite", str(path), "--table", "orders_box")
+    assert code == 2
+    assert err == (
+        "resilience outbox stats: error: the outbox table 'orders_box' does not exist: "
+        "create it with SqliteOutboxStore(...).create_schema() (idempotent)\n"
+    )
+
+
+@pytest.mark.postgres
+def test_a_missing_postgres_table_says_to_create_it(
+    postgres_dsn: str, pg_schema: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "outbox", "dead", "--postgres", postgres_dsn, "--schema", pg_schema)
+    assert code == 2
+    assert err == (
+        f"resilience outbox dead: error: the outbox table '{pg_schema}.resilience_outbox' "
+        "does not exist: create it with PostgresOutboxStore(...).create_schema() (idempotent)\n"
+    )
+
+
+# -- force -------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_force_refuses_a_name_no_instance_reports_unless_anyway(
+    store: rs.RedisBreakerStore, redis_client: redis.Redis, redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    where = ["--redis", redis_url, "--prefix", store.prefix]
+    payments = rs.CircuitBreaker("payments", store=store)
+    _wait(lambda: len(store.states()) == 1)
+
+    code, out, err = run(capsys, "force", "paymnets", "open", *where)
+    assert code == 2
+    assert out == ""
+    assert err.startswith(
+        f"resilience force: error: no instance reports breaker 'paymnets' "
+        f"under prefix {store.prefix!r}"
+    )
+    assert "--anyway" in err
+    assert len(err.splitlines()) == 1
+    assert redis_client.exists(store.force_key("paymnets")) == 0  # nothing was set
+
+    code, out, _ = run(capsys, "force", "later", "open", *where, "--anyway")
+    assert code == 0
+    assert "instances that start later will apply it" in out
+    assert redis_client.get(store.force_key("later")) == b"open"
+    later = rs.CircuitBreaker("later", store=store)
+    _wait(lambda: later.state is rs.CircuitState.OPEN)
+
+    code, out, _ = run(capsys, "force", "later", "auto", *where)
+    assert code == 0
+    assert "lifted" in out
+    assert redis_client.exists(store.force_key("later")) == 0
+    _wait(lambda: later.mode.value == "normal")
+
+    code, out, _ = run(capsys, "force", "nobody", "auto", *where)
+    assert code == 0
+    assert "nothing to lift" in out
+    assert payments.state is rs.CircuitState.CLOSED  # never touched by any of it
+
+
+# -- outbox replay has no silent cap -----------------------------------------------------
+
+
+def _kill_all(store: SqliteOutboxStore) -> int:
+    events = store.claim("cli-test", 10_000, 30.0)
+    return store.fail("cli-test", [RowFailure(e.id, "rejected", 0.0, True) for e in events])
+
+
+def test_replay_moves_every_match_in_chunks_unless_limited(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, where = _sqlite_store(tmp_path)
+    with sqlite3.connect(tmp_path / "shop.db") as conn:
+        for i in range(250):
+            store.enqueue(conn, topic="orders", key=None, payload=i)
+    conn.close()
+    assert _kill_all(store) == 250
+    limits: list[int] = []
+    real = SqliteOutboxStore.replay
+
+    def spy(self: SqliteOutboxStore, **kwargs: Any) -> int:
+        limits.append(kwargs["limit"])
+        return real(self, **kwargs)
+
+    monkeypatch.setattr(SqliteOutboxStore, "replay", spy)
+    monkeypatch.setattr(cli, "_REPLAY_CHUNK", 100)
+
+    code, out, _ = run(capsys, "outbox", "replay", "--limit", "120", *where)
+    assert code == 0
+    assert "replayed 120 dead event(s)" in out
+    assert "stopped at --limit 120" in out
+    assert limits == [100, 20]
+    assert store.stats().dead == 130
+
+    limits.clear()
+    code, out, _ = run(capsys, "outbox", "replay", *where)
+    assert code == 0
+    assert "replayed 130 dead event(s)" in out
+    assert "--limit" not in out
+    assert limits == [100, 30]
+    assert (store.stats().dead, store.stats().pending) == (0, 250)
+    store.close()
+
+
+def test_replay_stops_at_the_dead_count_it_started_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, where = _sqlite_store(tmp_path)
+    with sqlite3.connect(tmp_path / "shop.db") as conn:
+        _fill(store, conn)
+    conn.close()
+    _kill_all(store)
+    real = SqliteOutboxStore.replay
+
+    def replay_and_die_again(self: SqliteOutboxStore, **kwargs: Any) -> int:
+        moved = real(self, **kwargs)
+        _kill_all(self)  # a relay that kills every replayed event again at once
+        return moved
+
+    monkeypatch.setattr(SqliteOutboxStore, "replay", replay_and_die_again)
+    monkeypatch.setattr(cli, "_REPLAY_CHUNK", 2)
+    code, out, _ = run(capsys, "outbox", "replay", *where)
+    assert code == 0
+    assert "replayed 5 dead event(s)" in out  # not a loop over the same five forever
+    store.close()
+
+
+# -- help, version, the docs -------------------------------------------------------------
+
+
+def _walk(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _walk(child, (*path, name))
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[Any] | None:
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+def test_every_argument_has_help_and_every_command_a_description() -> None:
+    for path, parser in _walk(_parser()):
+        assert parser.description, path
+        for action in parser._actions:
+            assert action.help, (path, action.dest)
+            assert action.help != argparse.SUPPRESS, (path, action.dest)
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    assert choice.help, (path, choice.dest)
+        assert parser.format_help()  # a stray % in a help text would raise here
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--version")
+    assert code == 0
+    assert out == f"resilience {rs.__version__}\n"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_python_m_resilience_runs_from_the_repository_root(tmp_path: Path) -> None:
+    store, where = _sqlite_store(tmp_path)
+    store.close()
+    # From the root, ./resilience shadows the installed link tree that maps integrations.
+    version = subprocess.run([sys.executable, "-m", "resilience", "--version"],
+                             capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert (version.returncode, version.stdout) == (0, f"resilience {rs.__version__}\n"), (
+        version.stderr
+    )
+    stats = subprocess.run([sys.executable, "-m", "resilience", "outbox", "stats", *where],
+                           capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert stats.returncode == 0, stats.stderr
+    assert stats.stdout.splitlines()[2].split()[:3] == ["0", "0", "0"]
+
+
+OPERATIONS = ROOT / "docs" / "operations.md"
+_FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+_SPAN = re.compile(r"`([^`]+)`")
+_SYNOPSIS = re.compile(r"[\[\]()|]|\.\.\.|\b[A-Z]{2,}\b")  # optional parts, placeholders
+
+
+def _doc_commands() -> tuple[list[list[str]], list[str]]:
+    """The runnable commands and the synopses in docs/operations.md."""
+    text = OPERATIONS.read_text()
+    runnable: list[list[str]] = []
+    for lang, body in _FENCE.findall(text):
+        if lang != "sh":
+            continue  # ```text blocks show output
+        env: dict[str, str] = {}
+        for line in body.splitlines():
+            tokens = shlex.split(line, comments=True)
+            if len(tokens) == 1 and re.fullmatch(r"[A-Z_]+=.*", tokens[0]):
+                name, _, value = tokens[0].partition("=")
+                env[name] = value
+            elif tokens and tokens[0] == "resilience":
+                runnable.append([env[t[1:]] if t.startswith("$") else t for t in tokens[1:]])
+    synopses = []
+    for span in _SPAN.findall(_FENCE.sub("", text)):
+        command = " ".join(span.replace("\\|", "|").split())
+        if not command.startswith("resilience ") or ": error: " in command:
+            continue
+        if _SYNOPSIS.search(command):
+            synopses.append(command)
+        else:
+            runnable.append(shlex.split(command)[1:])
+    return runnable, synopses
+
+
+def test_the_commands_in_the_operations_guide_parse_as_written(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    runnable, _ = _doc_commands()
+    assert ["force", "payments", "open", "--redis", "redis://127.0.0.1:6379/0"] in runnable
+    assert len(runnable) >= 8
+    for argv in runnable:
+        assert _parse(argv) == 0, (argv, capsys.readouterr().err)
+
+
+def _parse(argv: list[str]) -> object:
+    """The exit status argparse gives ``argv`` (0 when it parses), without running it."""
+    try:
+        _, extra = _parser().parse_known_args(argv)
+    except SystemExit as exit:  # --help and --version exit 0; an error exits 2
+        return exit.code
+    return 0 if not extra else f"unrecognized: {extra}"
+
+
+def test_the_command_table_lists_every_command_with_every_option() -> None:
+    _, synopses = _doc_commands()
+    leaves = {path for path, p in _walk(_parser()) if path and _subparsers(p) is None}
+    covered = set()
+    for synopsis in synopses:
+        parser = _parser()
+        path: list[str] = []
+        for word in synopsis.split()[1:]:
+            sub = _subparsers(parser)
+            if sub is None or word not in sub.choices:
+                break
+            parser, path = sub.choices[word], [*path, word]
+        covered.add(tuple(path))
+        options = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+        assert set(re.findall(r"--[a-z][a-z-]*", synopsis)) == options - {"--help"}, synopsis
+    assert covered == leaves
