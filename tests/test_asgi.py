@@ -449,7 +449,7 @@ def test_ipv6_grouping_and_chain_walk_unit() -> None:
     assert key(fake_scope("2001:db8:1:2:ffff:ffff:ffff:ffff")) == "2001:db8:1:2::/64"
     assert key(fake_scope("2001:db8:1:3::1")) == "2001:db8:1:3::/64"
     assert key(fake_scope("::ffff:198.51.100.7")) == "198.51.100.7"  # v4-mapped: the v4 client
-    assert key(fake_scope(None)) is None
+    assert key(fake_scope(None)) == "peer:none"  # never unkeyed (that meant unlimited)
     assert client_ip(ipv6_prefix=None)(fake_scope("2001:db8:1:2::1")) == "2001:db8:1:2::1"
     assert client_ip(ipv6_prefix=48)(fake_scope("2001:db8:1:ffff::1")) == "2001:db8:1::/48"
     # Headers from an untrusted IPv6 peer mean nothing.

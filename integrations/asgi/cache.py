@@ -140,7 +140,7 @@ class ResponseCacheMiddleware:
             or not ttl > 0
             or not math.isfinite(ttl)
         ):
-            raise ValueError(f"ttl must be a positive, finite number of seconds, got {ttl!r}")
+            raise ValueError(f"ttl must be a positive number of seconds, and finite, got {ttl!r}")
         if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
             raise ValueError(f"max_body must be an int >= 0, got {max_body!r}")
         if not isinstance(prefix, str) or not prefix:
@@ -251,14 +251,14 @@ class ResponseCacheMiddleware:
         finished = False  # the last body message said more_body=False
         gone = False  # the client disconnected: what we saw may be a fraction of the body
 
-        async def watch(message: Message) -> Message:
+        async def listen() -> Message:
             nonlocal gone
-            if message["type"] == "http.disconnect":
+            message = await receive()
+            # After the last body message a server reports "disconnect" for any further
+            # receive (uvicorn does): only one before it means the body was cut short.
+            if message["type"] == "http.disconnect" and not finished:
                 gone = True
             return message
-
-        async def listen() -> Message:
-            return await watch(await receive())
 
         async def capture(message: Message) -> None:
             nonlocal start, keep, vary, size, started, finished

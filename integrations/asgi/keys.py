@@ -9,15 +9,32 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import logging
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, Final
 
-__all__ = ["KeyFunc", "client_ip", "first", "header", "join", "path_template"]
+__all__ = [
+    "BAD_FORWARDED",
+    "NO_PEER",
+    "KeyFunc",
+    "client_ip",
+    "first",
+    "header",
+    "join",
+    "path_template",
+]
 
 Scope = MutableMapping[str, Any]
 KeyFunc = Callable[[Scope], "str | None"]
 
 MAX_KEY: Final = 128  # characters of any single key part
+#: client_ip's key for a request whose peer is not an IP address: no peer at all (a Unix
+#: socket), or a test client's name. Such requests share one bucket per peer name.
+NO_PEER: Final = "peer:none"
+#: client_ip's key when the forwarded address it must use is not an address.
+BAD_FORWARDED: Final = "peer:invalid-forwarded"
+
+log = logging.getLogger("resilience.integrations.asgi")
 
 
 def _cap(value: str) -> str:
@@ -88,6 +105,10 @@ def client_ip(
     client. With ``trusted_hops=N``, the Nth address from the right is taken (N proxies
     you control). Headers from an untrusted peer are ignored: the peer itself is the
     client. IPv6 clients are keyed by their ``/ipv6_prefix`` network (None: full address).
+    A request whose peer is not an IP address is never left unkeyed: it is keyed by
+    ``"peer:<name>"`` (Starlette's TestClient: ``"peer:testclient"``), or ``NO_PEER``
+    when there is no peer (a Unix socket), or ``BAD_FORWARDED`` when the forwarded
+    address it must use is garbage; the first such request is logged once.
     ``forwarded_header`` names the one header your proxies write (``"x-forwarded-for"``
     or ``"forwarded"``); the other is never read, so a client cannot supply it.
     """
@@ -106,7 +127,11 @@ def client_ip(
         raise ValueError(f"trusted_hops must be an int >= 0, got {trusted_hops!r}")
     if networks and trusted_hops:
         raise ValueError("pass trusted_proxies or trusted_hops, not both")
-    if ipv6_prefix is not None and not (isinstance(ipv6_prefix, int) and 1 <= ipv6_prefix <= 128):
+    if ipv6_prefix is not None and not (
+        isinstance(ipv6_prefix, int)
+        and not isinstance(ipv6_prefix, bool)
+        and 1 <= ipv6_prefix <= 128
+    ):
         raise ValueError(f"ipv6_prefix must be None or 1..128, got {ipv6_prefix!r}")
 
     def trusted(address: str) -> bool:
@@ -116,21 +141,41 @@ def client_ip(
         ip = ipaddress.ip_address(normal)
         return any(ip in net for net in networks)
 
-    def key(scope: Scope) -> str | None:
+    warned = False
+
+    def stand_in(key: str, why: str) -> str:
+        # Never "no key": that would switch limiting off for every such request.
+        nonlocal warned
+        if not warned:
+            warned = True
+            log.warning("client_ip: %s; such requests share the key %r", why, key)
+        return key
+
+    def key(scope: Scope) -> str:
         peer = scope.get("client")
-        peer_ip = peer[0] if peer else None
+        peer_ip = str(peer[0]) if peer else None
         if trusted_hops:
             hops = _forwarded_for(scope, which)
             if peer_ip is not None:
                 hops.append(peer_ip)
             # The last trusted_hops entries are our proxies; the one before is the client.
-            if len(hops) > trusted_hops:
-                return _ip(hops[-trusted_hops - 1], ipv6_prefix)
-            return _ip(hops[0], ipv6_prefix) if hops else None
+            chosen = (
+                hops[-trusted_hops - 1] if len(hops) > trusted_hops else hops[0] if hops else None
+            )
+            if chosen is None:
+                return stand_in(NO_PEER, "a request with no peer address and no forwarded chain")
+            found = _ip(chosen, ipv6_prefix)
+            if found is None:
+                return stand_in(BAD_FORWARDED, f"forwarded address {chosen[:40]!r} is not an IP")
+            return found
         if peer_ip is None:
-            return None
+            return stand_in(NO_PEER, "a request with no peer address (a Unix socket?)")
+        own = _ip(peer_ip, ipv6_prefix)
+        if own is None:
+            named = f"peer:{_cap(peer_ip)}"
+            return stand_in(named, f"peer {peer_ip[:40]!r} is not an IP address")
         if not networks or not trusted(peer_ip):
-            return _ip(peer_ip, ipv6_prefix)  # an untrusted peer's headers mean nothing
+            return own  # an untrusted peer's headers mean nothing
         candidate = peer_ip
         for hop in reversed(_forwarded_for(scope, which)):
             address = _ip(hop, None)

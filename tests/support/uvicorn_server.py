@@ -55,6 +55,7 @@ class UvicornServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        unix_path: str | None = None,
         **config: Any,
     ) -> None:
         config.setdefault("log_level", "warning")
@@ -64,6 +65,7 @@ class UvicornServer:
         config.setdefault("proxy_headers", False)
         self.host = host
         self._requested_port = port
+        self.unix_path = unix_path  # serve on this Unix socket instead of TCP
         self.config = uvicorn.Config(app, host=host, port=port, **config)
         self.server = uvicorn.Server(self.config)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -95,20 +97,26 @@ class UvicornServer:
         if self._thread is not None:
             raise RuntimeError("a UvicornServer can be started only once")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when
-        # the proto says TCP. Without it, Nagle holds each response body ~40 ms behind
-        # its headers on keep-alive connections.
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        if self.unix_path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only
+            # when the proto says TCP. Without it, Nagle holds each response body ~40 ms
+            # behind its headers on keep-alive connections.
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self._requested_port))
+            if self.unix_path is not None:
+                sock.bind(self.unix_path)
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((self.host, self._requested_port))
             sock.listen(128)
             sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
         self._sock = sock
-        self._port = int(sock.getsockname()[1])
+        self._port = 0 if self.unix_path is not None else int(sock.getsockname()[1])
         self._thread = threading.Thread(target=self._run, name=f"uvicorn:{self._port}", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_TIMEOUT
