@@ -21,6 +21,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, ResponseError
 from redis.retry import Retry
 
+from resilience._checks import positive_seconds
+
 __all__ = ["ASYNC_CLIENTS", "CLUSTERS", "OUTAGE_ERRORS", "SYNC_CLIENTS", "Commands", "budgeted"]
 
 log = logging.getLogger("resilience")
@@ -42,10 +44,12 @@ def check_client(client: object) -> bool:
     return isinstance(client, ASYNC_CLIENTS)
 
 
+#: A budget for one Redis command; past this, a socket timeout overflows or means "hang".
+MAX_TIMEOUT = 3600.0
+
+
 def check_timeout(timeout: object) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    return float(timeout)
+    return positive_seconds("timeout", timeout, maximum=MAX_TIMEOUT)
 
 
 def budgeted(client: Any, timeout: float) -> Any:

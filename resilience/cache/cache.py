@@ -19,6 +19,7 @@ from typing import Any, Final, ParamSpec, TypeVar, cast
 
 import anyio
 
+from resilience._checks import positive_seconds
 from resilience._clock import Clock, resolve
 from resilience._events import Dispatcher, Listener
 from resilience._flight import LEADER_GONE, Flight, SingleFlight
@@ -68,16 +69,8 @@ def _check_key(key: object) -> str:
     return key
 
 
-def _check_ttl(ttl: object) -> float | None:
-    if ttl is None:
-        return None
-    if (
-        isinstance(ttl, bool)
-        or not isinstance(ttl, (int, float))
-        or not (math.isfinite(ttl) and ttl > 0)
-    ):
-        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
-    return float(ttl)
+def _check_ttl(ttl: object, field: str = "ttl") -> float | None:
+    return None if ttl is None else positive_seconds(field, ttl)
 
 
 class TwoTierCache:
@@ -126,7 +119,7 @@ class TwoTierCache:
         elif lock is False:
             lock_seconds = 0.0
         else:
-            lock_seconds = _check_ttl(lock) or 0.0
+            lock_seconds = _check_ttl(lock, "lock") or 0.0
         if lock_seconds and remote is None:
             raise ValueError("lock needs a remote tier: the lock lives in Redis")
         self._lock_px = int(lock_seconds * 1000)

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
 
+from resilience._checks import positive_seconds
 from resilience._clock import Clock, resolve
 from resilience.cache.policy import MISSING, Entry
 
@@ -33,10 +34,8 @@ class LocalCache:
     def __init__(self, max_entries: int = 10_000, ttl: float = 30.0, *, clock: Clock | None = None):
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise ValueError(f"max_entries must be an int >= 1, got {max_entries!r}")
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
-            raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
         self.max_entries = max_entries
-        self.ttl = float(ttl)
+        self.ttl = positive_seconds("ttl", ttl)
         self._clock = resolve(clock)
         self._lock = threading.Lock()
         self._data: OrderedDict[Hashable, Entry] = OrderedDict()

@@ -40,6 +40,9 @@ class Decision(NamedTuple):
         return self.allowed
 
 
+#: The longest an empty bucket may take to fill, in seconds: 2^53 microseconds.
+MAX_FILL_TIME: Final = 2.0**53 / 1e6
+
 # Building the tuple directly skips NamedTuple's keyword-handling __new__ (half the cost).
 _new_decision = tuple.__new__
 
@@ -62,6 +65,14 @@ class Limit:
     def __post_init__(self) -> None:
         object.__setattr__(self, "rate", _positive_number("rate", self.rate))
         object.__setattr__(self, "capacity", _positive_number("capacity", self.capacity))
+        # Every wait is at most the fill time; in microseconds it must stay an exact
+        # integer for Redis (2^53), and finite at all (a rate of 5e-324 overflows).
+        if not self.capacity / self.rate <= MAX_FILL_TIME:
+            raise ValueError(
+                f"rate {self.rate!r} is too slow for capacity {self.capacity:g}: an empty "
+                f"bucket would take {self.capacity / self.rate:g} s to fill "
+                f"(at most {MAX_FILL_TIME:g} s, about 285 years)"
+            )
 
     @property
     def fill_time(self) -> float:
