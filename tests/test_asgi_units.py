@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
-from resilience.integrations.asgi import RateLimitMiddleware
 
 import resilience as rs
+from resilience.integrations.asgi import RateLimitMiddleware
 
 pytestmark = pytest.mark.anyio
 
@@ -64,3 +65,33 @@ def test_cache_parts_reject_bad_names_prefixes_and_statuses() -> None:
     for bad in (["200"], [99], [True], []):
         with pytest.raises(ValueError, match="statuses"):
             ResponseCacheMiddleware(reusing_app, rs.TwoTierCache(), statuses=bad)  # type: ignore[arg-type]
+
+
+def test_both_ratelimit_field_paths_round_the_reset_by_one_rule() -> None:
+    from resilience.integrations.asgi import ratelimit_headers
+    from resilience.integrations.asgi.ratelimit import reset_seconds
+
+    assert [reset_seconds(x) for x in (1.0000000000000002, 1.5, 0.0, -3.0, 999.9 + 0.1)] == [
+        1,
+        2,
+        0,
+        0,
+        1000,
+    ]
+    limiter = rs.TokenBucket(100, 100)
+    hair = rs.Decision(True, 5, 0.0, 1.0000000000000002, 100)
+    limiter.try_acquire = lambda key, cost=1: hair  # type: ignore[method-assign]
+    mw = RateLimitMiddleware(reusing_app, limiter=limiter)
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request"}
+
+    scope = {"type": "http", "path": "/", "method": "GET", "client": ("192.0.2.1", 1)}
+    anyio.run(mw, {**scope, "headers": []}, receive, send)
+    middleware_field = dict(sent[0]["headers"])[b"ratelimit"]
+    helper_field = dict(ratelimit_headers("default", limiter, hair))[b"ratelimit"]
+    assert middleware_field == helper_field == b'"default";r=5;t=1'

@@ -21,7 +21,8 @@ def _demo(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _check_story(out: str) -> None:
     assert "2. a client bursts" in out
-    assert "10 accepted, 5 refused with 429" in out
+    assert "10 accepted, 5 refused with 429; the one more got 429" in out
+    assert 'RateLimit: "orders";' in out  # the policy is named after the limiter
     assert "the catalogue was asked 1 time(s)" in out
     assert "breaker closed -> OPEN" in out
     assert "attempts burned: 0; dead: 0" in out
@@ -32,6 +33,11 @@ def _check_story(out: str) -> None:
     delivered = [line for line in summary.splitlines() if "events delivered" in line]
     accepted = [line for line in summary.splitlines() if "events accepted" in line]
     assert delivered[0].split()[-1] == accepted[0].split()[-1] == "70"
+    # The summary agrees with the story: 5 + the one more refused, order kept "True".
+    refused = [line for line in summary.splitlines() if "orders refused" in line]
+    assert refused[0].split()[-1] == "6"
+    kept = [line for line in summary.splitlines() if "per-key order kept" in line]
+    assert kept[0].split()[-1] == "True"
 
 
 def test_the_demo_runs_the_whole_story_on_embedded_defaults() -> None:

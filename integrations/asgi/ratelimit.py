@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from resilience.integrations.asgi.keys import KeyFunc, client_ip
-
 from resilience.limiter import Decision, LimitGroup, MemoryBackend, RedisBackend, TokenBucket
 
-__all__ = ["RateLimitMiddleware", "Rule", "ratelimit_headers"]
+__all__ = ["RateLimitMiddleware", "Rule", "ratelimit_headers", "reset_seconds"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -82,12 +81,21 @@ def _check_limiter(limiter: object, field: str) -> None:
         )
 
 
+def reset_seconds(reset_after: float) -> int:
+    """The RateLimit ``t`` (and window) value: whole seconds, rounded up, never below 0.
+
+    Float sums like 999.9 + 0.1 land a hair above a whole second: that is not rounded up
+    (a 1000 s bucket says t=1000, not 1001).
+    """
+    return max(0, math.ceil(reset_after - 1e-9))
+
+
 def _policy(name: str, limiter: Limiter, capacity: int) -> bytes:
     limit = limiter.limits[0]
     for candidate in limiter.limits:  # the group member that bounds this decision
         if int(candidate.capacity) == capacity:
             limit = candidate
-    window = max(1, math.ceil(limit.fill_time - 1e-9))
+    window = max(1, reset_seconds(limit.fill_time))
     return f'"{name}";q={int(limit.capacity)};w={window}'.encode()
 
 
@@ -97,8 +105,7 @@ def ratelimit_headers(
     """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10)."""
     if policy is None:
         policy = _policy(name, limiter, decision.limit)
-    # Float sums like 999.9 + 0.1 land a hair above a whole second: do not round that up.
-    reset = max(0, math.ceil(decision.reset_after - 1e-9))
+    reset = reset_seconds(decision.reset_after)
     current = f'"{name}";r={max(0, decision.remaining)};t={reset}'.encode()
     return [(b"ratelimit-policy", policy), (b"ratelimit", current)]
 
@@ -121,7 +128,8 @@ class RateLimitMiddleware:
 
     ``limiter`` applies to every request not matched by a ``rules`` entry; ``key`` says
     who a request counts against (default: the socket peer's address, see
-    ``client_ip``); ``exempt`` paths (regular expressions) are never limited.
+    ``client_ip``); ``exempt`` paths (regular expressions) are never limited. ``name``
+    names the policy in the RateLimit fields.
     WebSocket and lifespan scopes pass through untouched.
     """
 
@@ -223,12 +231,10 @@ class RateLimitMiddleware:
                     policy = self._policies[cache_key] = _policy(
                         choice.name, limiter, decision.limit
                     )
-            # The RateLimit field, formatted inline: this runs on every request.
-            reset = decision.reset_after
             current = b'"%s";r=%d;t=%d' % (
                 choice.name_bytes,
                 decision.remaining if decision.remaining > 0 else 0,
-                int(-(-reset // 1)) if reset > 0 else 0,  # seconds, rounded up
+                reset_seconds(decision.reset_after),
             )
             extra = [(b"ratelimit-policy", policy), (b"ratelimit", current)]
         else:
