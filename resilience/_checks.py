@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["positive_seconds"]
+__all__ = ["a", "positive_seconds"]
 
 
 def positive_seconds(field: str, value: object, *, maximum: float | None = None) -> float:
@@ -20,3 +20,8 @@ def positive_seconds(field: str, value: object, *, maximum: float | None = None)
     if maximum is not None and value > maximum:
         raise ValueError(f"{field} must be at most {maximum:g} seconds, got {value!r}")
     return float(value)
+
+
+def a(noun: str) -> str:
+    """``noun`` with its indefinite article, for messages: "a dict", "an object"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"

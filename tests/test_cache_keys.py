@@ -534,3 +534,9 @@ def test_local_keys_agree_with_remote_keys_and_typed_equality(
     assert (local_a == local_b) is same
     assert (kb.remote(local_a) == kb.remote(local_b)) is same
     assert local_a == kb.local((), {"x": a, "y": 2})
+
+
+def test_messages_use_the_right_article() -> None:
+    # "from a object" read badly; the article follows the type's name.
+    with pytest.raises(TypeError, match=r"from an object \(argument 'y'\)"):
+        KeyBuilder(f).local((1, object()), {})

@@ -37,6 +37,8 @@ from enum import Enum
 from typing import Any, Final, TypeAlias
 from uuid import UUID
 
+from resilience._checks import a
+
 __all__ = ["MAX_ARGS_LENGTH", "KeyBuilder", "LocalKey"]
 
 #: The local key: the remote key's prefix (so functions sharing one local tier never
@@ -62,7 +64,7 @@ _POSITIONAL: Final = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSIT
 def _unsupported(t: type, where: str) -> TypeError:
     name = t.__qualname__
     return TypeError(
-        f"cannot build a stable cache key from a {name} (argument {where!r}); "
+        f"cannot build a stable cache key from {a(name)} (argument {where!r}); "
         f"pass key=... to cached() or give {name} a __cache_key__() method"
     )
 

@@ -29,6 +29,7 @@ from decimal import Decimal
 from typing import Any, Final, Protocol, runtime_checkable
 from uuid import UUID
 
+from resilience._checks import a
 from resilience.errors import ResilienceError
 
 __all__ = [
@@ -90,7 +91,7 @@ def _payload(data: object, tag: int, version: int) -> bytes:
 
 def _unsupported(t: type, fmt: str) -> TypeError:
     return TypeError(
-        f"cannot serialize a {t.__qualname__} to {fmt}; "
+        f"cannot serialize {a(t.__qualname__)} to {fmt}; "
         "use PickleSerializer(hmac_key=...) or convert it"
     )
 
@@ -166,7 +167,7 @@ def _to_json(value: Any) -> object:
         for k in value:
             if type(k) is not str:
                 raise TypeError(
-                    f"cannot serialize a dict with a {type(k).__qualname__} key to JSON"
+                    f"cannot serialize a dict with {a(type(k).__qualname__)} key to JSON"
                     " (JSON object keys are str); use PickleSerializer(hmac_key=...)"
                     " or convert it"
                 )
@@ -186,7 +187,7 @@ def _to_json(value: Any) -> object:
 
 def _expect(value: object, t: type) -> Any:
     if type(value) is not t:
-        raise SerializationError(f"expected a {t.__name__} in tagged value, got {value!r:.40}")
+        raise SerializationError(f"expected {a(t.__name__)} in tagged value, got {value!r:.40}")
     return value
 
 
@@ -482,7 +483,7 @@ class PickleSerializer:
             payload = pickle.dumps(value, protocol=_PICKLE_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise TypeError(
-                f"cannot serialize a {type(value).__qualname__} with pickle: {exc}"
+                f"cannot serialize {a(type(value).__qualname__)} with pickle: {exc}"
             ) from exc
         return _PICKLE_HEADER + _mac(self.hmac_key, payload) + payload
 
