@@ -18,9 +18,26 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Any, Final
 
-import sniffio
+__all__ = ["LEADER_GONE", "Flight", "SingleFlight", "current_async_library"]
 
-__all__ = ["LEADER_GONE", "Flight", "SingleFlight"]
+
+def current_async_library() -> str:
+    """``"trio"`` or ``"asyncio"``: the library running the current task.
+
+    sniffio would say the same, but it is not a dependency (anyio 4 dropped it). Trio is
+    asked only when something imported it, so this costs asyncio one dict lookup; its
+    ``current_task()`` raises RuntimeError outside a trio run. Outside both, RuntimeError.
+    """
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+        except (RuntimeError, AttributeError):  # AttributeError: trio half-imported
+            pass
+        else:
+            return "trio"
+    asyncio.get_running_loop()  # raises RuntimeError when no event loop runs here
+    return "asyncio"
 
 
 class _Gone(enum.Enum):
@@ -57,7 +74,7 @@ class Flight:
     async def await_done(self) -> None:
         if self._done.is_set():
             return
-        if sniffio.current_async_library() == "trio":
+        if current_async_library() == "trio":
             trio = sys.modules["trio"]
             token = trio.lowlevel.current_trio_token()
             event = trio.Event()

@@ -3,6 +3,7 @@ what the breaker sees, what the rows see, and what listeners hear."""
 
 from __future__ import annotations
 
+import logging
 import random
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from resilience import CircuitBreaker, CircuitState, TokenBucket
 from resilience.integrations.outbox import (
     Backoff,
     BatchResult,
@@ -21,8 +24,6 @@ from resilience.integrations.outbox import (
     OutboxStats,
     SqliteOutboxStore,
 )
-
-from resilience import CircuitBreaker, CircuitState, TokenBucket
 from resilience.testing import FakeClock
 
 
@@ -193,6 +194,20 @@ def test_poison_backs_off_with_jitter_and_dies_at_max_attempts(env: Env) -> None
     assert env.rows()[0][1:3] == ("dead", 3)
     assert env.breaker.stats().state is CircuitState.CLOSED  # poison never feeds the breaker
     assert pub.stats().dead == 1
+
+
+def test_the_dead_event_log_line_names_the_publisher_once(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    env.enqueue(1, key="bad")
+    env.broker.reject(lambda e: True)
+    pub = env.publisher(max_attempts=1)
+    with caplog.at_level(logging.WARNING, "resilience"):
+        assert pub.run_once().dead == 1
+    lines = [r.getMessage() for r in caplog.records if "dead after" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"outbox publisher {pub.name!r}: 1 event(s) dead after 1 attempts")
+    assert "outbox outbox" not in lines[0]
 
 
 def test_a_poisoned_head_holds_its_key_without_burning_the_followers(env: Env) -> None:
@@ -460,6 +475,7 @@ async def test_an_idle_relay_on_postgres_wakes_on_notify(
 ) -> None:
     import anyio
     import psycopg
+
     from resilience.integrations.outbox import PostgresOutboxStore
 
     store = PostgresOutboxStore(postgres_dsn, schema=pg_schema)

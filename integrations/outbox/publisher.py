@@ -30,6 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import anyio
+
+from resilience import _clock
+from resilience._events import Dispatcher, Listener
+from resilience.breaker import CircuitBreaker, CircuitState, Permit
 from resilience.integrations.outbox._model import (
     Backoff,
     Failure,
@@ -41,10 +45,6 @@ from resilience.integrations.outbox._model import (
 )
 from resilience.integrations.outbox._store import OutboxStore
 from resilience.integrations.outbox.brokers import Broker, HeldBack
-
-from resilience import _clock
-from resilience._events import Dispatcher, Listener
-from resilience.breaker import CircuitBreaker, CircuitState, Permit
 from resilience.limiter import TokenBucket
 
 __all__ = ["BatchResult", "OutboxPublisher", "ReplayResult"]
@@ -220,7 +220,7 @@ class OutboxPublisher:
         if dead_rows:
             # One line a batch: a poisoned topic must not flood the log.
             log.warning(
-                "outbox %s: %d event(s) dead after %d attempts; row %d: %s",
+                "outbox publisher %r: %d event(s) dead after %d attempts; row %d: %s",
                 self.name,
                 len(dead_rows),
                 self.max_attempts,
@@ -502,9 +502,9 @@ class _Waker:
     async def _listening(self) -> Any:
         if self._conn is None and self._dsn is not None:
             try:
-                import sniffio
+                from resilience._flight import current_async_library
 
-                if sniffio.current_async_library() != "asyncio":
+                if current_async_library() != "asyncio":
                     self._dsn = None  # psycopg's async connections need asyncio
                     return None
                 import psycopg
