@@ -1,17 +1,19 @@
-# Every target sets itself up: a .venv with the package installed (strict editable mode,
-# so `resilience.integrations` maps to ./integrations for mypy and pytest alike).
+# Every target sets itself up: a .venv with the package installed in strict editable mode.
+# Python finds ./integrations through resilience/integrations/__init__.py, but mypy cannot
+# follow that, so it reads the install's link tree, where integrations/ sits in place.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The installed link tree must be rebuilt when a source file is added or removed.
 SOURCES := $(sort $(shell find resilience integrations -type f \( -name '*.py' -o -name '*.lua' -o -name '*.sql' -o -name 'py.typed' \) 2>/dev/null))
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck check-install pytest bench clean
 
 demo: $(VENV)/.installed
 	$(BIN)/resilience demo
 
-test: lint typecheck pytest
+# check-install before pytest, so the suite's summary stays the last line.
+test: lint typecheck check-install pytest
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -19,6 +21,10 @@ lint: $(VENV)/.installed
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
+
+# Build the wheel, install it with no extras into a fresh venv, import every module.
+check-install: $(VENV)/.installed
+	$(BIN)/python scripts/check_install.py
 
 pytest: $(VENV)/.installed
 	$(BIN)/pytest $(PYTEST_ARGS)

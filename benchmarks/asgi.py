@@ -394,9 +394,8 @@ STEP_FIELDS: Final = "step: ratelimit_headers()"
 
 
 def our_steps(s: Settings) -> Group:
-    from resilience.integrations.asgi import RateLimitMiddleware, client_ip, ratelimit_headers
-
     import resilience as rs
+    from resilience.integrations.asgi import RateLimitMiddleware, client_ip, ratelimit_headers
 
     group = Group(
         "a2. our middleware over a minimal ASGI app, and its steps alone", "ns/op", {}, None, None

@@ -60,6 +60,7 @@ from benchmarks._redis import where as _where
 
 if TYPE_CHECKING:
     import psycopg
+
     from resilience.integrations.outbox import BatchResult, PostgresOutboxStore
 
 POSTGRES_DSN_ENV: Final = "RESILIENCE_POSTGRES_DSN"

@@ -17,7 +17,6 @@ from typing import Any
 
 import anyio
 import pytest
-from resilience.integrations.asgi import ResponseCacheMiddleware
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
@@ -26,6 +25,7 @@ from support.uvicorn_server import UvicornServer, stop_all
 from test_asgi import counting, http, make_app
 
 import resilience as rs
+from resilience.integrations.asgi import ResponseCacheMiddleware
 from resilience.testing import FakeClock
 
 Message = MutableMapping[str, Any]

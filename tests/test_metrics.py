@@ -13,10 +13,10 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
-from resilience.integrations.outbox import InMemoryBroker, OutboxPublisher, SqliteOutboxStore
 from support.faultproxy import FaultProxy
 
 import resilience as rs
+from resilience.integrations.outbox import InMemoryBroker, OutboxPublisher, SqliteOutboxStore
 from resilience.metrics import Metrics
 from resilience.testing import FakeClock
 

@@ -22,7 +22,7 @@ NAN, INF = math.nan, math.inf
 BAD_SECONDS = [0, -1, NAN, INF, -INF, True, False, "1", None]
 
 
-def _app(*args: Any) -> None:
+async def _app(scope: Any, receive: Any, send: Any) -> None:
     return None
 
 

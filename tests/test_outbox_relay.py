@@ -51,6 +51,10 @@ from typing import Any
 import anyio
 import pytest
 import redis
+from support.faultproxy import FaultProxy
+from support.outbox_relay_proc import tracked_redis
+
+from resilience import CircuitBreaker, CircuitState, TokenBucket
 from resilience.integrations.outbox import (
     Backoff,
     BatchResult,
@@ -66,10 +70,6 @@ from resilience.integrations.outbox import (
     ReplayResult,
     SqliteOutboxStore,
 )
-from support.faultproxy import FaultProxy
-from support.outbox_relay_proc import tracked_redis
-
-from resilience import CircuitBreaker, CircuitState, TokenBucket
 from resilience.testing import FakeClock
 
 TOPIC = "orders"

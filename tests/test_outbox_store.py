@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
+
 from resilience.integrations.outbox import (
     Inbox,
     OutboxStore,
@@ -22,7 +23,6 @@ from resilience.integrations.outbox import (
     SqliteOutboxStore,
 )
 from resilience.integrations.outbox._store import SqlStore
-
 from resilience.testing import FakeClock
 
 

@@ -21,10 +21,9 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any, Final
 
-from resilience.integrations.asgi.ratelimit import _patterns
-
 from resilience.cache import TwoTierCache
 from resilience.http import etag_matches, storable
+from resilience.integrations.asgi.ratelimit import _patterns
 
 __all__ = ["ResponseCacheMiddleware"]
 

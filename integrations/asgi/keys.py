@@ -184,7 +184,7 @@ def client_ip(
             candidate = address
             if not trusted(address):
                 break
-        return _ip(candidate, ipv6_prefix)
+        return _ip(candidate, ipv6_prefix) or own  # candidate parsed above: never None
 
     return key
 

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import anyio.to_thread
+
 from resilience.integrations.outbox._model import BrokerUnavailable, Failure, OutboxEvent
 from resilience.integrations.outbox.brokers import (
     FailureTable,

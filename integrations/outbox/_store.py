@@ -25,6 +25,8 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio.to_thread
+
+from resilience import _clock
 from resilience.integrations.outbox._model import (
     DeadEvent,
     OutboxEvent,
@@ -35,8 +37,6 @@ from resilience.integrations.outbox._model import (
     positive,
     positive_int,
 )
-
-from resilience import _clock
 
 __all__ = ["OutboxStore"]
 

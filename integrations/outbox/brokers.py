@@ -21,6 +21,9 @@ import anyio.to_thread
 import redis
 import redis.asyncio
 from redis.exceptions import ResponseError
+
+from resilience import _redis
+from resilience.errors import CircuitOpenError
 from resilience.integrations.outbox._model import (
     BrokerUnavailable,
     EventRejected,
@@ -29,9 +32,6 @@ from resilience.integrations.outbox._model import (
     OutboxEvent,
     positive_int,
 )
-
-from resilience import _redis
-from resilience.errors import CircuitOpenError
 
 __all__ = [
     "Broker",

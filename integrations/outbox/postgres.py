@@ -17,10 +17,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
+from resilience import _clock
 from resilience.integrations.outbox._model import check_identifier
 from resilience.integrations.outbox._store import SqlStore, read_ddl
-
-from resilience import _clock
 
 if TYPE_CHECKING:
     import psycopg
@@ -221,6 +220,7 @@ class PostgresOutboxStore(SqlStore):
             check_identifier("schema", schema)
         super().__init__(table, clock)
         if isinstance(source, str):
+            _psycopg()  # a missing extra is named here, not at first use
             self._pool: Any = _DsnPool(source)
             self._owns_pool = True
         elif callable(getattr(source, "connection", None)):

@@ -14,10 +14,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from resilience import _clock
 from resilience.integrations.outbox._model import check_identifier, positive
 from resilience.integrations.outbox._store import SqlStore, read_ddl
-
-from resilience import _clock
 
 __all__ = ["SqliteOutboxStore"]
 

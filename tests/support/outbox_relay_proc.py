@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis
+
 from resilience.integrations.outbox import (
     Failure,
     OutboxEvent,
