@@ -43,6 +43,10 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import RawStreamMsg, StreamConfig
 from pamqp.commands import Basic
+from support.faultproxy import FaultProxy
+from support.services import nats_hint, rabbitmq_hint, require_service
+
+from resilience.errors import CircuitOpenError
 from resilience.integrations.outbox import (
     Broker,
     BrokerUnavailable,
@@ -54,23 +58,11 @@ from resilience.integrations.outbox import (
 )
 from resilience.integrations.outbox.nats import NatsJetStreamBroker
 from resilience.integrations.outbox.rabbitmq import RabbitMQBroker
-from support.faultproxy import FaultProxy
-from support.services import require_service
-
-from resilience.errors import CircuitOpenError
 
 RABBITMQ_URL_ENV = "RESILIENCE_RABBITMQ_URL"
 NATS_URL_ENV = "RESILIENCE_NATS_URL"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-RABBITMQ_HINT = (
-    f"start it with `rabbitmq-server -detached`, or set {RABBITMQ_URL_ENV} to a reachable server"
-)
-NATS_HINT = (
-    "start it with `start-stop-daemon --start --oknodo --background --exec "
-    "/usr/sbin/nats-server -- -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server "
-    f"-l /var/log/nats-server.log`, or set {NATS_URL_ENV} to a reachable server"
-)
 PROBE_TIMEOUT = 1.0
 OUTAGE_TIMEOUT = 1.0  # the adapters' timeout where an outage is staged
 SLACK = 1.0  # scheduling slack on top of a timeout, for a busy machine
@@ -109,7 +101,9 @@ def _check_nats(url: str) -> None:
 def rabbitmq_url() -> str:
     url = os.environ.get(RABBITMQ_URL_ENV) or DEFAULT_RABBITMQ_URL
     host, port = _host_port(url, 5672)
-    require_service(f"RabbitMQ at {host}:{port}", lambda: _check_rabbitmq(url), hint=RABBITMQ_HINT)
+    require_service(
+        f"RabbitMQ at {host}:{port}", lambda: _check_rabbitmq(url), hint=rabbitmq_hint(url)
+    )
     return url
 
 
@@ -117,7 +111,7 @@ def rabbitmq_url() -> str:
 def nats_url() -> str:
     url = os.environ.get(NATS_URL_ENV) or DEFAULT_NATS_URL
     host, port = _host_port(url, 4222)
-    require_service(f"NATS at {host}:{port}", lambda: _check_nats(url), hint=NATS_HINT)
+    require_service(f"NATS at {host}:{port}", lambda: _check_nats(url), hint=nats_hint(url))
     return url
 
 

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -103,6 +103,41 @@ def test_hints_say_how_to_start_the_servers() -> None:
     pg_hint = services.postgres_hint()
     assert re.search(r"pg_ctlcluster --skip-systemctl-redirect \S+ main start", pg_hint)
     assert services.POSTGRES_DSN_ENV in pg_hint
+
+
+def test_nats_hint_starts_a_server_on_the_urls_port() -> None:
+    default = services.nats_hint("nats://127.0.0.1:4222")
+    assert (
+        "`start-stop-daemon --start --oknodo --background --exec /usr/sbin/nats-server -- "
+        "-a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log`"
+    ) in default
+    assert services.NATS_URL_ENV in default
+    assert services.nats_hint("nats://127.0.0.1") == default  # no port: the default one
+
+    other = services.nats_hint("nats://127.0.0.1:4223")
+    assert "-p 4223 -js" in other
+    assert "4222" not in other
+    # Its own pidfile and store: matched by executable alone, start-stop-daemon would
+    # take the server on 4222 for it and start nothing.
+    assert "--make-pidfile --pidfile /run/nats-server-4223.pid" in other
+    assert "-sd /var/lib/nats-server-4223 " in other
+
+
+def test_rabbitmq_hint_starts_a_node_on_the_urls_port() -> None:
+    default = services.rabbitmq_hint("amqp://guest:guest@127.0.0.1:5672/")
+    assert "start it with `rabbitmq-server -detached`" in default
+    assert services.RABBITMQ_URL_ENV in default
+    assert services.rabbitmq_hint("amqp://guest:guest@127.0.0.1/") == default
+
+    other = services.rabbitmq_hint("amqp://guest:guest@127.0.0.1:5673/")
+    assert "listeners.tcp.local = 127.0.0.1:5673" in other
+    assert "RABBITMQ_NODE_PORT=5673 RABBITMQ_NODENAME=rabbit-5673@localhost" in other
+    assert "5672" not in other
+
+
+@pytest.mark.parametrize("hint", [services.redis_hint, services.rabbitmq_hint, services.nats_hint])
+def test_hints_survive_a_bad_port(hint: Callable[[str], str]) -> None:
+    assert "set RESILIENCE_" in hint("scheme://127.0.0.1:notaport/")
 
 
 def test_redact_hides_passwords() -> None:

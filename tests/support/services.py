@@ -2,7 +2,8 @@
 
 The servers come from ``RESILIENCE_REDIS_URL`` and ``RESILIENCE_POSTGRES_DSN``. When one
 is unreachable, the tests that need it skip with a reason that says how to start it;
-under ``CI=true`` (or ``CI=1``) an unreachable server fails them instead.
+under ``CI=true`` (or ``CI=1``) an unreachable server fails them instead. The start hints
+for RabbitMQ and NATS (``RESILIENCE_RABBITMQ_URL``, ``RESILIENCE_NATS_URL``) live here too.
 
 The servers may be shared, so nothing here flushes a database or drops anything it did
 not create: each test gets its own Redis key prefix and its own PostgreSQL schema.
@@ -36,19 +37,23 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_POSTGRES_DSN",
     "DEFAULT_REDIS_URL",
+    "NATS_URL_ENV",
     "POSTGRES_DSN_ENV",
+    "RABBITMQ_URL_ENV",
     "REDIS_URL_ENV",
     "aredis_client",
     "create_schema",
     "delete_prefixed_keys",
     "drop_schema",
     "in_ci",
+    "nats_hint",
     "new_redis_prefix",
     "pg_conn",
     "pg_schema",
     "postgres_dsn",
     "postgres_dsn_from_env",
     "postgres_hint",
+    "rabbitmq_hint",
     "redis_client",
     "redis_hint",
     "redis_prefix",
@@ -60,6 +65,8 @@ __all__ = [
 
 REDIS_URL_ENV = "RESILIENCE_REDIS_URL"
 POSTGRES_DSN_ENV = "RESILIENCE_POSTGRES_DSN"
+RABBITMQ_URL_ENV = "RESILIENCE_RABBITMQ_URL"
+NATS_URL_ENV = "RESILIENCE_NATS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -96,10 +103,15 @@ def _redact(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{hostport}").geturl()
 
 
-def redis_hint(url: str) -> str:
-    port = 6379
+def _port(url: str, default: int) -> int:
+    """The URL's port; ``default`` when it has none or an invalid one."""
     with contextlib.suppress(ValueError):
-        port = urlsplit(url).port or port
+        return urlsplit(url).port or default
+    return default
+
+
+def redis_hint(url: str) -> str:
+    port = _port(url, 6379)
     return (
         f'start one with `redis-server --daemonize yes --port {port} --save "" '
         f"--appendonly no`, or set {REDIS_URL_ENV} to a reachable server"
@@ -123,6 +135,38 @@ def postgres_hint() -> str:
         "start it with `pg_ctlcluster --skip-systemctl-redirect "
         f"{_pg_cluster_version()} main start` (see `pg_lsclusters`), "
         f"or set {POSTGRES_DSN_ENV} to a reachable server"
+    )
+
+
+def rabbitmq_hint(url: str) -> str:
+    port = _port(url, 5672)
+    start = "rabbitmq-server -detached"
+    if port != 5672:
+        # A second node needs its own name and listener. A rabbitmq.conf that sets
+        # listeners (this machine's names 5672) wins over RABBITMQ_NODE_PORT, which still
+        # moves the distribution port (port + 20000) off the first node's.
+        conf = f"/tmp/rabbitmq-{port}.conf"
+        start = (
+            f"printf 'listeners.tcp.local = 127.0.0.1:{port}\\n' > {conf} && "
+            f"RABBITMQ_CONFIG_FILE={conf} RABBITMQ_NODE_PORT={port} "
+            f"RABBITMQ_NODENAME=rabbit-{port}@localhost {start}"
+        )
+    return f"start it with `{start}`, or set {RABBITMQ_URL_ENV} to a reachable server"
+
+
+def nats_hint(url: str) -> str:
+    port = _port(url, 4222)
+    daemon, files = "", "-sd /var/lib/nats-server -l /var/log/nats-server.log"
+    if port != 4222:
+        # start-stop-daemon matches by executable: beside a server on 4222 it would say
+        # "already running" and start nothing. A pidfile of its own tells them apart, and
+        # a store of its own keeps the two JetStreams apart.
+        daemon = f"--make-pidfile --pidfile /run/nats-server-{port}.pid "
+        files = f"-sd /var/lib/nats-server-{port} -l /var/log/nats-server-{port}.log"
+    return (
+        f"start it with `start-stop-daemon --start --oknodo --background {daemon}"
+        f"--exec /usr/sbin/nats-server -- -a 127.0.0.1 -p {port} -js {files}`, "
+        f"or set {NATS_URL_ENV} to a reachable server"
     )
 
 
