@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The installed link tree must be rebuilt when a source file is added or removed.
 SOURCES := $(sort $(shell find resilience integrations -type f \( -name '*.py' -o -name '*.lua' -o -name '*.sql' -o -name 'py.typed' \) 2>/dev/null))
 
-.PHONY: demo test lint typecheck check-install pytest bench clean
+.PHONY: demo test lint unasync typecheck check-install pytest bench clean
 
 demo: $(VENV)/.installed
 	$(BIN)/resilience demo
@@ -18,6 +18,11 @@ test: lint typecheck check-install pytest
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python scripts/unasync.py --check
+
+# Regenerate every _sync_*.py from its _async_*.py source.
+unasync: $(VENV)/.installed
+	$(BIN)/python scripts/unasync.py
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
