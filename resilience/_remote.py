@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
-from resilience._events import Listener
 from resilience.breaker import CircuitBreaker, StateChanged
 from resilience.breaker.policy import CircuitState
 from resilience.errors import CircuitOpenError
+from resilience.events import Listener
 
 __all__ = ["UNAVAILABLE", "BackendStateChanged", "OnError", "RemoteGuard"]
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio.to_thread
 
-from resilience import _clock
+from resilience import clock as _clock
 from resilience.integrations.outbox._model import (
     DeadEvent,
     OutboxEvent,

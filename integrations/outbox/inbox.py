@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from resilience import _clock
+from resilience import clock as _clock
 from resilience.integrations.outbox._model import check_identifier, positive
 from resilience.integrations.outbox._store import read_ddl
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
-from resilience import _clock
+from resilience import clock as _clock
 from resilience.integrations.outbox._model import check_identifier
 from resilience.integrations.outbox._store import SqlStore, read_ddl
 

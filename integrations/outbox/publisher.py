@@ -31,9 +31,9 @@ from typing import Any, Final, TypeVar
 
 import anyio
 
-from resilience import _clock
-from resilience._events import Dispatcher, Listener
+from resilience import clock as _clock
 from resilience.breaker import CircuitBreaker, CircuitState, Permit
+from resilience.events import Dispatcher, Listener
 from resilience.integrations.outbox._model import (
     Backoff,
     Failure,
@@ -502,7 +502,7 @@ class _Waker:
     async def _listening(self) -> Any:
         if self._conn is None and self._dsn is not None:
             try:
-                from resilience._flight import current_async_library
+                from resilience.flight import current_async_library
 
                 if current_async_library() != "asyncio":
                     self._dsn = None  # psycopg's async connections need asyncio

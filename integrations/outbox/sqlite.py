@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from resilience import _clock
+from resilience import clock as _clock
 from resilience.integrations.outbox._model import check_identifier, positive
 from resilience.integrations.outbox._store import SqlStore, read_ddl
 

@@ -43,7 +43,6 @@ import wrapt
 
 from resilience._cancel import cancelled_types, deadline_expired
 from resilience._clock import Clock, resolve
-from resilience._events import Dispatcher, Listener
 from resilience.breaker.policy import (
     Admission,
     BreakerConfig,
@@ -59,6 +58,7 @@ from resilience.breaker.policy import (
     StateChanged,
 )
 from resilience.errors import CircuitOpenError
+from resilience.events import Dispatcher, Listener
 
 __all__ = ["BreakerEvent", "CircuitBreaker", "Permit"]
 

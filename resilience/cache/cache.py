@@ -21,13 +21,13 @@ import anyio
 
 from resilience._checks import positive_seconds
 from resilience._clock import Clock, resolve
-from resilience._events import Dispatcher, Listener
-from resilience._flight import LEADER_GONE, Flight, SingleFlight
 from resilience._remote import UNAVAILABLE
 from resilience.cache.keys import KeyBuilder
 from resilience.cache.local import LocalCache
 from resilience.cache.policy import MISSING, CachePolicy, Entry, Freshness
 from resilience.cache.redis import RedisCache, _Corrupt
+from resilience.events import Dispatcher, Listener
+from resilience.flight import LEADER_GONE, Flight, SingleFlight
 
 __all__ = ["CacheEvent", "TwoTierCache"]
 

@@ -31,13 +31,13 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from resilience._events import Listener
-from resilience._flight import Flight
 from resilience._redis import CLUSTERS, OUTAGE_ERRORS, Commands, check_client, check_timeout
 from resilience._remote import BackendStateChanged, OnError, RemoteGuard
 from resilience.breaker import CircuitBreaker
 from resilience.cache.policy import Entry
 from resilience.cache.serializers import DEFAULT, SerializationError, Serializer
+from resilience.events import Listener
+from resilience.flight import Flight
 
 __all__ = ["RedisCache"]
 

@@ -13,8 +13,8 @@ import anyio
 
 from resilience._clock import SYSTEM_CLOCK, Clock, resolve
 from resilience._clock import monotonic as _monotonic
-from resilience._events import Dispatcher, Listener
 from resilience.errors import RateLimited
+from resilience.events import Dispatcher, Listener
 from resilience.limiter.bucket import Decision, Limit
 from resilience.limiter.memory import MemoryBackend, MemoryTable
 

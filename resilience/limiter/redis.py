@@ -22,10 +22,10 @@ from typing import Any, Final
 
 from redis.exceptions import NoScriptError
 
-from resilience._events import Listener
 from resilience._redis import CLUSTERS, OUTAGE_ERRORS, Commands, check_client, check_timeout
 from resilience._remote import UNAVAILABLE, BackendStateChanged, OnError, RemoteGuard
 from resilience.breaker import CircuitBreaker
+from resilience.events import Listener
 from resilience.limiter.bucket import Decision, Limit, combine, from_wait
 from resilience.limiter.memory import MemoryBackend, MemoryTable
 
