@@ -332,7 +332,7 @@ class CircuitBreaker:
         until = policy.reject_until
         if now < until:  # open: decided without the lock or the policy
             next(self._quick_rejections)  # atomic, unlike `+= 1`
-            return self.config.recovery_timeout if until == _INF else until - now
+            return policy.forced_retry_after() if until == _INF else until - now
         with self._lock:
             result = policy.admit(now)
             self._flush()

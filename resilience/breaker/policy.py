@@ -1,20 +1,34 @@
 """The circuit breaker's pure state machine.
 
-Everything that changes a breaker's state lives in this file. Nothing here reads a
-clock, takes a lock or does I/O: every method takes ``now`` (monotonic seconds) and
-the shells in :mod:`resilience.breaker.breaker` call it under their lock. Events are
-appended to ``self.events`` in transition order; the shell hands them to listeners
-after it releases the lock.
+Everything that changes a breaker's state lives in this file: the transition table and
+the one class that applies it. Nothing here reads a clock, takes a lock or does I/O:
+every method takes ``now`` (monotonic seconds) and the shells in
+:mod:`resilience.breaker.breaker` call it under their lock. Events are appended to
+``self.events`` in transition order; the shell hands them to listeners after it
+releases the lock. Configuration, windows and event records live in their own modules
+and are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import itertools
 import math
-from dataclasses import dataclass
 from typing import Final
+
+from resilience.breaker.config import BreakerConfig, FailureRate, SlowCallRate
+from resilience.breaker.events import (
+    BreakerMode,
+    BreakerStats,
+    CallFinished,
+    CallRejected,
+    CircuitState,
+    Event,
+    Outcome,
+    StateChanged,
+    Trigger,
+)
+from resilience.breaker.windows import make_window
 
 __all__ = [
     "TRANSITIONS",
@@ -31,39 +45,6 @@ __all__ = [
     "StateChanged",
     "Trigger",
 ]
-
-
-class CircuitState(enum.Enum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
-class BreakerMode(enum.Enum):
-    """How an operator has set the breaker. ``NORMAL`` follows the state machine."""
-
-    NORMAL = "normal"
-    FORCED_OPEN = "forced_open"  # rejects everything until reset()
-    FORCED_CLOSED = "forced_closed"  # admits everything, counts nothing
-    DISABLED = "disabled"  # admits everything, still counts (metrics only)
-
-
-class Outcome(enum.Enum):
-    SUCCESS = "success"
-    FAILURE = "failure"
-    IGNORED = "ignored"
-
-
-class Trigger(enum.Enum):
-    TRIP = "trip"
-    RECOVERY_ELAPSED = "recovery_elapsed"
-    PROBE_FAILED = "probe_failed"
-    PROBES_SUCCEEDED = "probes_succeeded"
-    FORCE_OPEN = "force_open"
-    FORCE_CLOSED = "force_closed"
-    DISABLE = "disable"
-    RESET = "reset"
-
 
 _C, _O, _H = CircuitState.CLOSED, CircuitState.OPEN, CircuitState.HALF_OPEN
 
@@ -86,317 +67,6 @@ _MODE_AFTER: Final[dict[Trigger, BreakerMode]] = {
     Trigger.DISABLE: BreakerMode.DISABLED,
     Trigger.RESET: BreakerMode.NORMAL,
 }
-
-
-# -- configuration --------------------------------------------------------------------
-
-
-def _check_window(
-    owner: str, window: int, minimum_calls: int, window_seconds: float | None
-) -> None:
-    if isinstance(minimum_calls, bool) or not isinstance(minimum_calls, int):
-        raise TypeError(f"{owner}: minimum_calls must be an int, got {minimum_calls!r}")
-    if minimum_calls < 1:
-        raise ValueError(f"{owner}: minimum_calls must be >= 1, got {minimum_calls}")
-    if window_seconds is None:
-        if isinstance(window, bool) or not isinstance(window, int):
-            raise TypeError(f"{owner}: window must be an int number of calls, got {window!r}")
-        if window < minimum_calls:
-            raise ValueError(
-                f"{owner}: window ({window} calls) must be >= minimum_calls ({minimum_calls})"
-            )
-    elif not _positive(window_seconds):
-        raise ValueError(
-            f"{owner}: window_seconds must be a positive number, got {window_seconds!r}"
-        )
-
-
-def _positive(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
-
-
-def _check_rate(owner: str, threshold: float) -> None:
-    if not _positive(threshold) or threshold > 1:
-        raise ValueError(f"{owner}: threshold must be in (0, 1], got {threshold!r}")
-
-
-@dataclass(frozen=True, slots=True)
-class FailureRate:
-    """Trip when the share of failed calls in a sliding window reaches ``threshold``.
-
-    The window holds the last ``window`` calls, or, when ``window_seconds`` is given,
-    the calls of the last ``window_seconds`` seconds. It is judged only once it holds
-    ``minimum_calls`` calls.
-    """
-
-    threshold: float
-    window: int = 100
-    minimum_calls: int = 20
-    window_seconds: float | None = None
-
-    def __post_init__(self) -> None:
-        _check_rate("FailureRate", self.threshold)
-        _check_window("FailureRate", self.window, self.minimum_calls, self.window_seconds)
-
-
-@dataclass(frozen=True, slots=True)
-class SlowCallRate:
-    """Trip when the share of calls slower than ``duration`` seconds reaches ``threshold``.
-
-    In half-open, a slow probe counts as a failed probe.
-    """
-
-    threshold: float
-    duration: float
-    window: int = 100
-    minimum_calls: int = 20
-    window_seconds: float | None = None
-
-    def __post_init__(self) -> None:
-        _check_rate("SlowCallRate", self.threshold)
-        if not _positive(self.duration):
-            raise ValueError(
-                f"SlowCallRate: duration must be a positive number, got {self.duration!r}"
-            )
-        _check_window("SlowCallRate", self.window, self.minimum_calls, self.window_seconds)
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerConfig:
-    name: str
-    failure_threshold: int | None = 5
-    recovery_timeout: float = 30.0
-    success_threshold: int = 2
-    half_open_max_calls: int = 1
-    failure_rate: FailureRate | None = None
-    slow_call_rate: SlowCallRate | None = None
-    recovery_backoff: float = 1.0
-    max_recovery_timeout: float | None = None
-    probe_lease: float | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
-        for field in ("success_threshold", "half_open_max_calls"):
-            _check_count(field, getattr(self, field))
-        if self.failure_threshold is not None:
-            _check_count("failure_threshold", self.failure_threshold)
-        if (
-            self.failure_threshold is None
-            and self.failure_rate is None
-            and self.slow_call_rate is None
-        ):
-            raise ValueError(
-                "failure_threshold=None needs failure_rate or slow_call_rate, "
-                "or the breaker could never open"
-            )
-        for field in ("recovery_timeout",):
-            if not _positive(getattr(self, field)):
-                raise ValueError(
-                    f"{field} must be a positive number of seconds, got {getattr(self, field)!r}"
-                )
-        if not _positive(self.recovery_backoff) or self.recovery_backoff < 1:
-            raise ValueError(
-                f"recovery_backoff must be a number >= 1, got {self.recovery_backoff!r}"
-            )
-        if self.max_recovery_timeout is not None and (
-            not _positive(self.max_recovery_timeout)
-            or self.max_recovery_timeout < self.recovery_timeout
-        ):
-            raise ValueError(
-                "max_recovery_timeout must be a number >= recovery_timeout, got "
-                f"{self.max_recovery_timeout!r}"
-            )
-        if self.probe_lease is not None and not _positive(self.probe_lease):
-            raise ValueError(
-                f"probe_lease must be a positive number of seconds, got {self.probe_lease!r}"
-            )
-        if self.failure_rate is not None and not isinstance(self.failure_rate, FailureRate):
-            raise TypeError(
-                f"failure_rate must be a FailureRate, got {type(self.failure_rate).__name__}"
-            )
-        # Ints are valid input; store floats so every retry_after the policy returns is one.
-        for field in (
-            "recovery_timeout",
-            "recovery_backoff",
-            "max_recovery_timeout",
-            "probe_lease",
-        ):
-            value = getattr(self, field)
-            if value is not None:
-                object.__setattr__(self, field, float(value))
-        if self.slow_call_rate is not None and not isinstance(self.slow_call_rate, SlowCallRate):
-            raise TypeError(
-                f"slow_call_rate must be a SlowCallRate, got {type(self.slow_call_rate).__name__}"
-            )
-
-    @property
-    def lease(self) -> float:
-        return self.probe_lease if self.probe_lease is not None else self.recovery_timeout
-
-    def recovery_for(self, trips: int) -> float:
-        """Open duration after the ``trips``-th consecutive trip (1-based)."""
-        if self.recovery_backoff == 1.0:
-            return self.recovery_timeout
-        # Cap the exponent so a long outage cannot overflow the float.
-        t = self.recovery_timeout * self.recovery_backoff ** min(trips - 1, 64)
-        cap = self.max_recovery_timeout
-        return t if cap is None else min(t, cap)
-
-
-def _check_count(field: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{field} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{field} must be >= 1, got {value}")
-
-
-# -- events -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StateChanged:
-    breaker: str
-    old: CircuitState
-    new: CircuitState
-    trigger: Trigger
-    mode: BreakerMode
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class CallRejected:
-    breaker: str
-    state: CircuitState
-    retry_after: float
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class CallFinished:
-    breaker: str
-    outcome: Outcome
-    #: Seconds the call took; None when nothing asked for timing.
-    duration: float | None
-    #: True when the call started before the last state change, so it did not count.
-    stale: bool
-    state: CircuitState
-    error: BaseException | None
-
-
-Event = StateChanged | CallRejected | CallFinished
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerStats:
-    state: CircuitState
-    mode: BreakerMode
-    consecutive_failures: int
-    window_calls: int
-    window_failures: int
-    window_slow_calls: int
-    half_open_successes: int
-    probes_in_flight: int
-    trips: int
-    rejected: int
-    retry_after: float
-
-
-# -- sliding windows ----------------------------------------------------------------------
-
-
-class _CountWindow:
-    """The last ``size`` calls, as a ring of flags with running totals."""
-
-    __slots__ = ("failures", "filled", "pos", "ring", "slow")
-
-    def __init__(self, size: int) -> None:
-        self.ring = bytearray(size)
-        self.pos = self.filled = self.failures = self.slow = 0
-
-    def record(self, failed: bool, slow: bool, now: float) -> None:
-        ring, pos = self.ring, self.pos
-        if self.filled == len(ring):
-            old = ring[pos]
-            self.failures -= old & 1
-            self.slow -= old >> 1
-        else:
-            self.filled += 1
-        ring[pos] = failed | (slow << 1)
-        self.failures += failed
-        self.slow += slow
-        self.pos = (pos + 1) % len(ring)
-
-    def totals(self, now: float) -> tuple[int, int, int]:
-        return self.filled, self.failures, self.slow
-
-
-class _TimeWindow:
-    """Calls of the last ``seconds``, in ``_BUCKETS`` buckets that expire as time moves."""
-
-    _BUCKETS = 20
-    __slots__ = (
-        "calls",
-        "epoch",
-        "fails",
-        "last",
-        "slows",
-        "t_calls",
-        "t_fails",
-        "t_slow",
-        "width",
-    )
-
-    def __init__(self, seconds: float) -> None:
-        n = self._BUCKETS
-        self.width = seconds / n
-        self.epoch = [-1] * n
-        self.calls = [0] * n
-        self.fails = [0] * n
-        self.slows = [0] * n
-        self.last = -1
-        self.t_calls = self.t_fails = self.t_slow = 0
-
-    def _advance(self, now: float) -> int:
-        cur = int(now // self.width)
-        n = self._BUCKETS
-        if cur > self.last:
-            # Clear every bucket whose epoch fell out of the window; at most n of them.
-            start = max(self.last + 1, cur - n + 1)
-            for e in range(start, cur + 1):
-                i = e % n
-                self.t_calls -= self.calls[i]
-                self.t_fails -= self.fails[i]
-                self.t_slow -= self.slows[i]
-                self.calls[i] = self.fails[i] = self.slows[i] = 0
-                self.epoch[i] = e
-            self.last = cur
-        return cur
-
-    def record(self, failed: bool, slow: bool, now: float) -> None:
-        cur = self._advance(now)
-        if cur < self.last - self._BUCKETS + 1:
-            return  # older than the window (a clock that went backwards)
-        i = cur % self._BUCKETS
-        self.calls[i] += 1
-        self.fails[i] += failed
-        self.slows[i] += slow
-        self.t_calls += 1
-        self.t_fails += failed
-        self.t_slow += slow
-
-    def totals(self, now: float) -> tuple[int, int, int]:
-        self._advance(now)
-        return self.t_calls, self.t_fails, self.t_slow
-
-
-_Window = _CountWindow | _TimeWindow
-
-
-def _make_window(rule: FailureRate | SlowCallRate) -> _Window:
-    if rule.window_seconds is not None:
-        return _TimeWindow(rule.window_seconds)
-    return _CountWindow(rule.window)
 
 
 # -- the state machine ------------------------------------------------------------------
@@ -430,10 +100,10 @@ class BreakerPolicy:
         self._next_probe = 1
         self.events: list[Event] = []
         self._failure_window = (
-            _make_window(config.failure_rate) if config.failure_rate is not None else None
+            make_window(config.failure_rate) if config.failure_rate is not None else None
         )
         self._slow_window = (
-            _make_window(config.slow_call_rate) if config.slow_call_rate is not None else None
+            make_window(config.slow_call_rate) if config.slow_call_rate is not None else None
         )
         #: The shell sets these: listeners want events; every success must be recorded.
         self.observed = False
@@ -517,9 +187,9 @@ class BreakerPolicy:
 
     def _clear_windows(self) -> None:
         if self._failure_window is not None:
-            self._failure_window = _make_window(self.config.failure_rate)  # type: ignore[arg-type]
+            self._failure_window = make_window(self.config.failure_rate)  # type: ignore[arg-type]
         if self._slow_window is not None:
-            self._slow_window = _make_window(self.config.slow_call_rate)  # type: ignore[arg-type]
+            self._slow_window = make_window(self.config.slow_call_rate)  # type: ignore[arg-type]
 
     def force_open(self, now: float) -> None:
         self._transition(Trigger.FORCE_OPEN, now)
@@ -546,7 +216,7 @@ class BreakerPolicy:
         """Admit a call (returns its admission) or reject it (returns retry_after seconds)."""
         mode = self.mode
         if mode is BreakerMode.FORCED_OPEN:
-            return self._reject(self.config.recovery_timeout, now)
+            return self._reject(self.forced_retry_after(), now)
         if mode is not BreakerMode.NORMAL:
             return (self.gen, 0, self.counted)
         self._catch_up(now)
@@ -566,6 +236,11 @@ class BreakerPolicy:
         self._next_probe = token + 1
         probes[token] = now + self.config.lease
         return (self.gen, token, self.counted)
+
+    def forced_retry_after(self) -> float:
+        """What a forced-open breaker tells callers to wait: it never reopens by itself,
+        so there is no real time to give; one recovery period is when to ask again."""
+        return self.config.recovery_timeout
 
     def _reject(self, retry_after: float, now: float) -> float:
         self.rejected += 1
@@ -674,7 +349,7 @@ class BreakerPolicy:
         self._catch_up(now)
         if self.state is _O:
             if self.mode is BreakerMode.FORCED_OPEN:
-                return self.config.recovery_timeout
+                return self.forced_retry_after()
             return max(0.0, self.open_until - now)
         return 0.0
 
