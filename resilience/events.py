@@ -1,5 +1,15 @@
-"""Delivery of events to listeners: outside the owner's lock, in order, isolated.
+"""What primitives report, and how: the telemetry protocol, and event delivery.
 
+**Telemetry.** Every primitive (breaker, limiter, cache, Redis backend, outbox
+publisher) has ``telemetry()``, which returns a :class:`Telemetry`: its kind, its name,
+a ``read()`` of plain numbers kept on the primitive (counters and gauges, read when a
+consumer scrapes, so watching costs the primitive next to nothing), the event types a
+consumer may listen to for histograms (opt-in: listening takes the fast path away), and
+the primitives it reports through (a limiter's backend, a backend's breaker). Consumers
+(:mod:`resilience.metrics`, the OpenTelemetry integration) know this protocol and no
+concrete type.
+
+**Events.**
 The owner (a breaker, later a limiter or cache) appends events to ``queue`` while it
 holds its own lock, so the queue order is the order of its transitions. After
 releasing that lock, whoever produced events calls :meth:`Dispatcher.drain` (or
@@ -16,16 +26,45 @@ import logging
 import sys
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Dispatcher", "Listener"]
+__all__ = ["KINDS", "Dispatcher", "Listener", "Observable", "Telemetry"]
 
 log = logging.getLogger("resilience")
 
 E = TypeVar("E")
 #: A listener takes one event and returns None, or an awaitable for async listeners.
 Listener = Callable[[E], "Awaitable[None] | None"]
+
+
+#: The kinds of primitive a consumer may meet, and what each ``read()`` holds:
+#: ``breaker``: state (a CircuitState), calls {outcome value: n}, rejected, transitions
+#: {(from value, to value): n}; ``limiter``: allowed, denied; ``backend``: available,
+#: on_error (a value), outages, errors, fallbacks; ``cache``: hits and misses {tier: n},
+#: loads, load_errors, stale, invalidated, errors {tier: n}; ``outbox``: published,
+#: failures {class: n}, died, breaker_open_polls, and the last stats (OutboxStats or None).
+KINDS = ("breaker", "limiter", "backend", "cache", "outbox")
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """How one primitive shows itself to a metrics consumer (see the module docstring)."""
+
+    kind: str
+    name: str
+    read: Callable[[], Mapping[str, Any]]
+    #: ``add_listener(listener, only=...)`` for the timed events below, or None.
+    listen: Callable[..., None] | None = None
+    #: Event types that carry a duration (``CallFinished``, ``CacheEvent``), for histograms.
+    timed: tuple[type, ...] = ()
+    links: tuple[Observable, ...] = ()
+
+
+@runtime_checkable
+class Observable(Protocol):
+    def telemetry(self) -> Telemetry: ...
 
 
 class Dispatcher(Generic[E]):

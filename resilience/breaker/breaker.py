@@ -30,21 +30,21 @@ import types
 import weakref
 from collections.abc import (
     AsyncGenerator,
-    Awaitable,
     Callable,
     Generator,
     Iterable,
     Sequence,
 )
-from types import TracebackType
 from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
 import wrapt
 
-from resilience._cancel import cancelled_types, deadline_expired
 from resilience._clock import Clock, resolve
+from resilience.breaker._async_shell import AsyncBreakerOps
+from resilience.breaker._core import BreakerEvent
+from resilience.breaker._sync_shell import SyncBreakerOps
+from resilience.breaker.permit import Permit
 from resilience.breaker.policy import (
-    Admission,
     BreakerConfig,
     BreakerMode,
     BreakerPolicy,
@@ -55,10 +55,8 @@ from resilience.breaker.policy import (
     FailureRate,
     Outcome,
     SlowCallRate,
-    StateChanged,
 )
-from resilience.errors import CircuitOpenError
-from resilience.events import Dispatcher, Listener
+from resilience.events import Dispatcher, Listener, Telemetry
 
 __all__ = ["BreakerEvent", "CircuitBreaker", "Permit"]
 
@@ -66,10 +64,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 ExcTypes = type[BaseException] | tuple[type[BaseException], ...]
-BreakerEvent = StateChanged | CallRejected | CallFinished
 
 _DEFAULT_THRESHOLD: Final = 5
-_INSIDE: Final[tuple[None]] = (None,)  # the context mark of a call in progress
 _UNSET: Any = object()
 _INF: Final = math.inf
 
@@ -86,71 +82,7 @@ def _exc_types(field: str, value: object) -> tuple[type[BaseException], ...]:
     return tuple(cast("Iterable[type[BaseException]]", items))
 
 
-class Permit:
-    """One admitted call, for callers that decide before they act.
-
-    Report exactly one outcome; later reports are ignored. A permit that is never
-    reported holds a half-open probe slot only until its lease runs out.
-    """
-
-    __slots__ = ("_admission", "_breaker", "_settled", "_start")
-
-    def __init__(
-        self,
-        breaker: CircuitBreaker,
-        admission: Admission,
-        start: float | None,
-        *,
-        nested: bool = False,
-    ) -> None:
-        self._breaker = breaker
-        self._admission = admission
-        self._start = start
-        # Nested in a call of the same breaker: the outer call reports, this one never.
-        self._settled = nested
-
-    def _settle(self) -> bool:
-        if self._settled:
-            return False
-        self._settled = True
-        return True
-
-    def success(self) -> None:
-        if self._settle():
-            self._breaker._finish(self._admission, self._start, Outcome.SUCCESS, None)
-
-    def failure(self, error: BaseException | None = None) -> None:
-        if self._settle():
-            self._breaker._finish(self._admission, self._start, Outcome.FAILURE, error)
-
-    def ignore(self) -> None:
-        if self._settle():
-            self._breaker._finish(self._admission, self._start, Outcome.IGNORED, None)
-
-    def error(self, error: BaseException) -> None:
-        """Report an exception from the work, classified as the decorator would classify it
-        (``include`` / ``exclude``, cancellation, deadlines)."""
-        if self._settle():
-            self._breaker._on_error(self._admission, self._start, error)
-
-    async def aerror(self, error: BaseException) -> None:
-        if self._settle():
-            await self._breaker._aon_error(self._admission, self._start, error)
-
-    async def asuccess(self) -> None:
-        if self._settle():
-            await self._breaker._afinish(self._admission, self._start, Outcome.SUCCESS, None)
-
-    async def afailure(self, error: BaseException | None = None) -> None:
-        if self._settle():
-            await self._breaker._afinish(self._admission, self._start, Outcome.FAILURE, error)
-
-    async def aignore(self) -> None:
-        if self._settle():
-            await self._breaker._afinish(self._admission, self._start, Outcome.IGNORED, None)
-
-
-class CircuitBreaker:
+class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
     """A circuit breaker for sync and async callers alike.
 
     >>> b = CircuitBreaker("payments", failure_threshold=5, recovery_timeout=30.0)
@@ -209,6 +141,9 @@ class CircuitBreaker:
         # advances it too, so reads are subtracted (see stats).
         self._quick_rejections = itertools.count()
         self._quick_reads = 0
+        self._quick_carry = 0
+        self._ok: itertools.count[int] | None = None  # successes on the lock-free path
+        self._ok_reads = 0
         self._policy = BreakerPolicy(self.config)
         self._events: Dispatcher[BreakerEvent] = Dispatcher(listeners)
         # Non-empty while a call of this breaker is in progress in this context: the
@@ -261,15 +196,6 @@ class CircuitBreaker:
 
     # -- reading -------------------------------------------------------------------------
 
-    def _with_policy(self, action: Callable[[BreakerPolicy, float], T]) -> T:
-        """Run ``action(policy, now)`` under the lock, then deliver the events it made."""
-        now = self._clock.monotonic()
-        with self._lock:
-            result = action(self._policy, now)
-            self._flush()
-        self._events.drain()
-        return result
-
     @property
     def state(self) -> CircuitState:
         """The state now; an open breaker whose recovery time passed reads half-open."""
@@ -286,10 +212,40 @@ class CircuitBreaker:
 
     def stats(self) -> BreakerStats:
         def read(policy: BreakerPolicy, now: float) -> BreakerStats:
-            quick = next(self._quick_rejections) - self._quick_reads
-            self._quick_reads += 1
             stats = policy.stats(now)
-            return dataclasses.replace(stats, rejected=stats.rejected + quick)
+            return dataclasses.replace(stats, rejected=stats.rejected + self._quick())
+
+        return self._with_policy(read)
+
+    def telemetry(self) -> Telemetry:
+        """What a metrics consumer reads (resilience.events). Asking for it turns on the
+        one counter the lock-free path lacks: successes, a C-level increment per call."""
+        with self._lock:
+            if self._ok is None:
+                self._ok = itertools.count()
+                self._policy.count_ok = self._ok.__next__
+        return Telemetry(
+            "breaker",
+            self.name,
+            self._read,
+            listen=self.add_listener,
+            timed=(CallFinished,),
+        )
+
+    def _read(self) -> dict[str, Any]:
+        def read(policy: BreakerPolicy, now: float) -> dict[str, Any]:
+            calls = {o.value: n for o, n in policy.outcomes_total.items()}
+            if self._ok is not None:
+                calls[Outcome.SUCCESS.value] += next(self._ok) - self._ok_reads
+                self._ok_reads += 1
+            return {
+                "state": policy.current_state(now),
+                "calls": calls,
+                "rejected": policy.rejections_total + self._quick_carry + self._quick(),
+                "transitions": {
+                    (old.value, new.value): n for (old, new), n in policy.transitions_total.items()
+                },
+            }
 
         return self._with_policy(read)
 
@@ -314,264 +270,13 @@ class CircuitBreaker:
         """Back to a fresh closed breaker under the normal state machine."""
         self._control(BreakerPolicy.reset)
         with self._lock:
+            self._quick_carry += self._quick()  # telemetry's total never goes back
             self._quick_rejections = itertools.count()
             self._quick_reads = 0
 
     # -- the core steps, shared by every call shape --------------------------------------
 
-    def _flush(self) -> None:
-        """Move the policy's events to the dispatcher's queue. Call with the lock held."""
-        events = self._policy.events
-        if events:
-            self._events.queue.extend(events)
-            events.clear()
-
-    def _admit(self) -> tuple[Admission, float | None] | float:
-        policy = self._policy
-        now = self._clock.monotonic()
-        until = policy.reject_until
-        if now < until:  # open: decided without the lock or the policy
-            next(self._quick_rejections)  # atomic, unlike `+= 1`
-            return policy.forced_retry_after() if until == _INF else until - now
-        with self._lock:
-            result = policy.admit(now)
-            self._flush()
-        if result.__class__ is float:
-            return result
-        return cast(Admission, result), (now if policy.timed else None)
-
-    def _begin(self) -> tuple[Admission, float | None]:
-        """Admit one call: lock-free when closed and untimed, else through _enter."""
-        admission = self._policy.free
-        if admission is not None:
-            return admission, None
-        return self._enter()
-
-    async def _abegin(self) -> tuple[Admission, float | None]:
-        admission = self._policy.free
-        if admission is not None:
-            return admission, None
-        return await self._aenter()
-
-    def _enter(self) -> tuple[Admission, float | None]:
-        result = self._admit()
-        if self._events.queue:
-            self._events.drain()
-        if result.__class__ is float:
-            # The state, read without the lock, only words the message.
-            raise CircuitOpenError(self.name, result, self._policy.state._value_)
-        return cast("tuple[Admission, float | None]", result)
-
-    async def _aenter(self) -> tuple[Admission, float | None]:
-        result = self._admit()
-        if self._events.queue:
-            await self._adrain()
-        if result.__class__ is float:
-            raise CircuitOpenError(self.name, result, self._policy.state._value_)
-        return cast("tuple[Admission, float | None]", result)
-
-    def _record(
-        self,
-        admission: Admission,
-        start: float | None,
-        outcome: Outcome,
-        error: BaseException | None,
-    ) -> None:
-        now = self._clock.monotonic()
-        duration = None if start is None else now - start
-        with self._lock:
-            self._policy.record(admission, outcome, now, duration, error)
-            self._flush()
-
-    def _finish(
-        self,
-        admission: Admission,
-        start: float | None,
-        outcome: Outcome,
-        error: BaseException | None,
-    ) -> None:
-        self._record(admission, start, outcome, error)
-        if self._events.queue:
-            self._events.drain()
-
-    async def _afinish(
-        self,
-        admission: Admission,
-        start: float | None,
-        outcome: Outcome,
-        error: BaseException | None,
-    ) -> None:
-        self._record(admission, start, outcome, error)
-        if self._events.queue:
-            await self._adrain()
-
-    async def _adrain(self) -> None:
-        if self._events.has_async:
-            await self._events.adrain()
-        else:
-            self._events.drain()
-
-    def _classify(self, error: BaseException, in_async: bool) -> Outcome:
-        if isinstance(error, cancelled_types()):
-            # A caller going away is no verdict on the dependency; a deadline is.
-            return Outcome.FAILURE if in_async and deadline_expired() else Outcome.IGNORED
-        if self._exclude and isinstance(error, self._exclude):
-            return Outcome.IGNORED
-        if isinstance(error, self._include):
-            return Outcome.FAILURE
-        return Outcome.IGNORED
-
-    def _result_outcome(self, result: object) -> Outcome:
-        predicate = self._fail_on_result
-        return Outcome.FAILURE if predicate is not None and predicate(result) else Outcome.SUCCESS
-
-    def _on_error(self, admission: Admission, start: float | None, error: BaseException) -> None:
-        self._finish(admission, start, self._classify(error, False), error)
-
-    async def _aon_error(
-        self, admission: Admission, start: float | None, error: BaseException
-    ) -> None:
-        await self._afinish(admission, start, self._classify(error, True), error)
-
-    def _on_result(self, admission: Admission, start: float | None, result: object) -> None:
-        self._finish(admission, start, self._result_outcome(result), None)
-
-    async def _aon_result(self, admission: Admission, start: float | None, result: object) -> None:
-        await self._afinish(admission, start, self._result_outcome(result), None)
-
     # -- calling -------------------------------------------------------------------------
-
-    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run ``fn(*args, **kwargs)`` through the breaker."""
-        return self._call(fn, args, kwargs)
-
-    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Await ``fn(*args, **kwargs)`` through the breaker."""
-        return await self._acall(fn, args, kwargs)
-
-    # The full path of every call shape: nested calls pass through, the rest mark the
-    # context while they run.
-    def _call(self, fn: Callable[..., R], args: Any, kwargs: Any) -> R:
-        stack = self._stack
-        if stack.get():
-            return fn(*args, **kwargs)  # inside a call of this breaker: that call counts
-        # _begin inlined: a rejection raised here unwinds one frame fewer.
-        admission = self._policy.free
-        start = None
-        if admission is None:
-            admission, start = self._enter()
-        token = stack.set(_INSIDE)
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as error:
-            stack.reset(token)
-            self._on_error(admission, start, error)
-            raise
-        stack.reset(token)
-        if not self._policy.quiet:
-            self._on_result(admission, start, result)
-        return result
-
-    async def _acall(self, fn: Callable[..., Awaitable[R]], args: Any, kwargs: Any) -> R:
-        stack = self._stack
-        if stack.get():
-            return await fn(*args, **kwargs)
-        admission = self._policy.free
-        start = None
-        if admission is None:
-            admission, start = await self._aenter()
-        token = stack.set(_INSIDE)
-        try:
-            result = await fn(*args, **kwargs)
-        except BaseException as error:
-            stack.reset(token)
-            await self._aon_error(admission, start, error)
-            raise
-        stack.reset(token)
-        if not self._policy.quiet:
-            await self._aon_result(admission, start, result)
-        return result
-
-    def try_acquire(self) -> Permit | None:
-        """Admit one call without raising: a Permit to report on, or None if rejected.
-
-        Inside a call of this breaker the permit reports nothing: the outer call does.
-        """
-        if self._stack.get():
-            return Permit(self, (0, 0, 0), None, nested=True)
-        result = self._admit()
-        if self._events.queue:
-            self._events.drain()
-        if result.__class__ is float:
-            return None
-        admission, start = cast("tuple[Admission, float | None]", result)
-        return Permit(self, admission, start)
-
-    async def atry_acquire(self) -> Permit | None:
-        if self._stack.get():
-            return Permit(self, (0, 0, 0), None, nested=True)
-        result = self._admit()
-        if self._events.queue:
-            await self._adrain()
-        if result.__class__ is float:
-            return None
-        admission, start = cast("tuple[Admission, float | None]", result)
-        return Permit(self, admission, start)
-
-    # `with b:` keeps its permit in a context variable: the breaker is shared, so the
-    # permit of one thread or task must never sit on the object.
-    def _pop_permit(self) -> Permit | None:
-        stack = self._stack.get()
-        self._stack.set(stack[:-1])
-        return stack[-1]
-
-    def __enter__(self) -> CircuitBreaker:
-        stack = self._stack.get()
-        if stack:  # nested in a call of this breaker: pass through
-            self._stack.set((*stack, None))
-            return self
-        admission, start = self._begin()
-        self._stack.set((Permit(self, admission, start),))
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        permit = self._pop_permit()
-        if permit is None:
-            return
-        if exc is None:
-            if not self._policy.quiet:
-                permit.success()
-        else:
-            self._on_error(permit._admission, permit._start, exc)
-
-    async def __aenter__(self) -> CircuitBreaker:
-        stack = self._stack.get()
-        if stack:
-            self._stack.set((*stack, None))
-            return self
-        admission, start = await self._abegin()
-        self._stack.set((Permit(self, admission, start),))
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        permit = self._pop_permit()
-        if permit is None:
-            return
-        if exc is None:
-            if not self._policy.quiet:
-                await permit.asuccess()
-        else:
-            await self._aon_error(permit._admission, permit._start, exc)
 
     # -- decorating ----------------------------------------------------------------------
 
@@ -598,50 +303,6 @@ class CircuitBreaker:
         ):
             return self._wrap_async(fn)
         return self._wrap_sync(fn)
-
-    def _wrap_sync(self, fn: Callable[P, R]) -> Callable[P, R]:
-        policy, on_error, on_result, full = (
-            self._policy,
-            self._on_error,
-            self._on_result,
-            self._call,
-        )
-
-        @functools.wraps(fn)
-        def breaker_sync(*args: P.args, **kwargs: P.kwargs) -> R:
-            admission = policy.quiet_free
-            if admission is None:  # not closed-and-quiet: the full path
-                return full(fn, args, kwargs)
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as error:
-                on_error(admission, None, error)
-                raise
-            if not policy.quiet:
-                on_result(admission, None, result)
-            return result
-
-        return breaker_sync
-
-    def _wrap_async(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-        policy, full = self._policy, self._acall
-        aon_error, aon_result = self._aon_error, self._aon_result
-
-        @functools.wraps(fn)
-        async def breaker_async(*args: P.args, **kwargs: P.kwargs) -> R:
-            admission = policy.quiet_free
-            if admission is None:
-                return await full(fn, args, kwargs)
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as error:
-                await aon_error(admission, None, error)
-                raise
-            if not policy.quiet:
-                await aon_result(admission, None, result)
-            return result
-
-        return breaker_async
 
     def _wrap_gen(self, fn: Callable[P, Generator[T, Any, R]]) -> Callable[P, Generator[T, Any, R]]:
         @functools.wraps(fn)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Callable
 from typing import Final
 
 from resilience.breaker.config import BreakerConfig, FailureRate, SlowCallRate
@@ -91,6 +92,12 @@ class BreakerPolicy:
         self.trips = 0  # consecutive trips without a close, for recovery backoff
         self.total_trips = 0
         self.rejected = 0
+        # Monotonic totals for telemetry: reset() clears the figures above, never these.
+        self.rejections_total = 0
+        self.outcomes_total = dict.fromkeys(Outcome, 0)
+        self.transitions_total: dict[tuple[CircuitState, CircuitState], int] = {}
+        #: Set by the shell while watched: counts successes of the lock-free path.
+        self.count_ok: Callable[[], object] | None = None
         self.failures = 0  # consecutive failed calls (probes included)
         self.counted = 0  # failures ever counted: a serial for Admission and error marks
         # Each counted exception carries this attribute with the serial that counted it.
@@ -183,6 +190,8 @@ class BreakerPolicy:
             self.trips = 0
             self._clear_windows()
         self.events.append(StateChanged(self.config.name, old, new, trigger, self.mode, now))
+        pair = (old, new)
+        self.transitions_total[pair] = self.transitions_total.get(pair, 0) + 1
         self._refresh()
 
     def _clear_windows(self) -> None:
@@ -244,6 +253,7 @@ class BreakerPolicy:
 
     def _reject(self, retry_after: float, now: float) -> float:
         self.rejected += 1
+        self.rejections_total += 1
         if self.observed:
             self.events.append(CallRejected(self.config.name, self.state, retry_after, now))
         return retry_after
@@ -266,6 +276,7 @@ class BreakerPolicy:
         gen, probe, counted = admission
         if outcome is Outcome.FAILURE and error is not None and self._counted_since(error, counted):
             outcome = Outcome.IGNORED
+        self.outcomes_total[outcome] += 1
         stale = gen != self.gen
         if probe and not stale:
             # A probe counts only if it reports before its lease ends.
