@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Awaitable, Callable, Container, MutableMapping, Sequence
-from typing import Any
+from collections.abc import Container, Sequence
 
 from resilience.breaker import CircuitBreaker
+from resilience.integrations.asgi._asgi import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["CircuitBreakerMiddleware"]
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class _ClientGone(Exception):

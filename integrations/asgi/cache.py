@@ -18,20 +18,24 @@ import hashlib
 import json
 import math
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any, Final
 
 from resilience.cache import TwoTierCache
 from resilience.http import etag_matches, storable
-from resilience.integrations.asgi.ratelimit import _patterns
+from resilience.integrations.asgi._asgi import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    headers_of,
+    joined,
+    patterns,
+)
 
 __all__ = ["ResponseCacheMiddleware"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Statuses a shared cache may store by default (RFC 9110 section 15.1, heuristically cacheable).
 CACHEABLE: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
@@ -64,20 +68,11 @@ _HOP_BY_HOP: Final = frozenset(
 _UNKEYED: Final = (b"x-http-method-override", b"x-method-override", b"x-http-method")
 
 
-def _headers(scope_or_message: MutableMapping[str, Any]) -> list[tuple[bytes, bytes]]:
-    return [(bytes(k).lower(), bytes(v)) for k, v in scope_or_message.get("headers", ())]
-
-
-def _get(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    values = [v for k, v in headers if k == name]
-    return b", ".join(values) if values else None
-
-
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    length = _get(headers, b"content-length")
+    length = joined(headers, b"content-length")
     if length is not None and length.strip() not in (b"", b"0"):
         return True
-    return _get(headers, b"transfer-encoding") is not None
+    return joined(headers, b"transfer-encoding") is not None
 
 
 def _etag(body: bytes) -> bytes:
@@ -97,7 +92,7 @@ def _target(scope: Scope) -> str:
 
 def _complete(start: Message, size: int) -> bool:
     """Whether a body of ``size`` bytes is all that ``Content-Length`` promised."""
-    length = _get(_headers(start), b"content-length")
+    length = joined(headers_of(start), b"content-length")
     if length is None:
         return True
     try:
@@ -155,12 +150,12 @@ class ResponseCacheMiddleware:
         self.max_body = max_body
         self.statuses = codes
         self.prefix = prefix
-        self._credentialed = _patterns(allow_credentials, "allow_credentials")
+        self._credentialed = patterns(allow_credentials, "allow_credentials")
 
     # -- keys ------------------------------------------------------------------------------
 
     def _url(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> str:
-        host = (_get(headers, b"host") or b"").decode("latin-1").lower()
+        host = (joined(headers, b"host") or b"").decode("latin-1").lower()
         query = bytes(scope.get("query_string", b"")).decode("latin-1")
         # A JSON list, not "scheme://host/path?query": a Host of "a/b" with path "/c"
         # must not share a key with host "a" and path "/b/c".
@@ -172,7 +167,7 @@ class ResponseCacheMiddleware:
     def _variant(url_key: str, vary: list[str], headers: list[tuple[bytes, bytes]]) -> str:
         parts = [url_key]
         for name in vary:
-            value = _get(headers, name.encode("latin-1")) or b""
+            value = joined(headers, name.encode("latin-1")) or b""
             parts.append(f"{name}={value.decode('latin-1')}")
         return url_key + ":" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
@@ -183,12 +178,12 @@ class ResponseCacheMiddleware:
         if scope["type"] != "http" or method not in ("GET", "HEAD"):
             await self.app(scope, receive, send)
             return
-        headers = _headers(scope)
-        if _has_body(headers) or any(_get(headers, name) is not None for name in _UNKEYED):
+        headers = headers_of(scope)
+        if _has_body(headers) or any(joined(headers, name) is not None for name in _UNKEYED):
             await self.app(scope, receive, send)  # the key could not tell this request apart
             return
-        credentialed = _get(headers, b"authorization") is not None or (
-            _get(headers, b"cookie") is not None
+        credentialed = joined(headers, b"authorization") is not None or (
+            joined(headers, b"cookie") is not None
         )
         if credentialed and not any(p.fullmatch(scope.get("path", "")) for p in self._credentialed):
             await self.app(scope, receive, send)  # someone's own data: never shared
@@ -217,7 +212,7 @@ class ResponseCacheMiddleware:
         etag: str = stored["e"]
         out = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in stored["h"]]
         out.append((b"age", str(age).encode()))
-        if_none_match = _get(request_headers, b"if-none-match")
+        if_none_match = joined(request_headers, b"if-none-match")
         if etag_matches(None if if_none_match is None else if_none_match.decode("latin-1"), etag):
             keep = {b"etag", b"cache-control", b"vary", b"expires", b"content-location", b"age"}
             await send(
@@ -285,7 +280,7 @@ class ResponseCacheMiddleware:
                 started = True
                 assert start is not None
                 headers = list(start.get("headers", ()))
-                if keep is not None and not more and _get(_headers(start), b"etag") is None:
+                if keep is not None and not more and joined(headers_of(start), b"etag") is None:
                     headers.append((b"etag", _etag(chunk)))
                 await send({**start, "headers": headers})
             await send(message)
@@ -298,10 +293,10 @@ class ResponseCacheMiddleware:
         content = b"".join(body)
         headers = [
             (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in _headers(start)
+            for k, v in headers_of(start)
             if k not in _HOP_BY_HOP
         ]
-        etag = _get(_headers(start), b"etag")
+        etag = joined(headers_of(start), b"etag")
         if etag is None:
             etag = _etag(content)
             headers.append(("etag", etag.decode()))
@@ -321,7 +316,7 @@ class ResponseCacheMiddleware:
         """(seconds to keep, varied request headers), or (None, []) when not storable."""
         found = storable(
             start.get("status", 0),
-            _headers(start),
+            headers_of(start),
             statuses=self.statuses,
             default=self.ttl,
             now=self.cache.clock.time(),

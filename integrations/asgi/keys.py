@@ -10,8 +10,11 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable, MutableMapping
-from typing import Any, Final
+from collections.abc import Callable, Iterable
+from typing import Final
+
+from resilience.integrations.asgi._asgi import Scope, values
+from resilience.integrations.asgi._asgi import first as first_header
 
 __all__ = [
     "BAD_FORWARDED",
@@ -24,7 +27,6 @@ __all__ = [
     "path_template",
 ]
 
-Scope = MutableMapping[str, Any]
 KeyFunc = Callable[[Scope], "str | None"]
 
 MAX_KEY: Final = 128  # characters of any single key part
@@ -39,17 +41,6 @@ log = logging.getLogger("resilience.integrations.asgi")
 
 def _cap(value: str) -> str:
     return value[:MAX_KEY]
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return bytes(value)
-    return None
-
-
-def _all_headers(scope: Scope, name: bytes) -> list[bytes]:
-    return [bytes(v) for k, v in scope.get("headers", ()) if k == name]
 
 
 # Parsing an address costs microseconds; the same few addresses recur, so remember them
@@ -78,10 +69,10 @@ def _forwarded_for(scope: Scope, which: str) -> list[str]:
     """Addresses from the one forwarding header the proxies write, leftmost first."""
     hops: list[str] = []
     if which == "x-forwarded-for":
-        for raw in _all_headers(scope, b"x-forwarded-for"):
+        for raw in values(scope.get("headers", ()), b"x-forwarded-for"):
             hops.extend(part.strip() for part in raw.decode("latin-1").split(","))
         return hops
-    for raw in _all_headers(scope, b"forwarded"):
+    for raw in values(scope.get("headers", ()), b"forwarded"):
         for element in raw.decode("latin-1").split(","):
             for pair in element.split(";"):
                 name, _, value = pair.strip().partition("=")
@@ -196,7 +187,7 @@ def header(name: str) -> KeyFunc:
     wanted = name.lower().encode("latin-1")
 
     def key(scope: Scope) -> str | None:
-        value = _header(scope, wanted)
+        value = first_header(scope.get("headers", ()), wanted)
         text = "" if value is None else value.decode("latin-1").strip()
         return _cap(text) if text else None  # an empty header is no key, not an error
 

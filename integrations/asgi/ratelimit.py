@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from resilience.integrations.asgi._asgi import ASGIApp, Message, Receive, Scope, Send, patterns
 from resilience.integrations.asgi.keys import KeyFunc, client_ip
 from resilience.limiter import Decision, LimitGroup, MemoryBackend, RedisBackend, TokenBucket
 
 __all__ = ["RateLimitMiddleware", "Rule", "ratelimit_headers", "reset_seconds"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 Limiter = TokenBucket | LimitGroup
 
 
@@ -56,16 +51,6 @@ _TOKEN = re.compile(r"[A-Za-z0-9_.-]+")
 def _check_name(name: object, field: str) -> None:
     if not isinstance(name, str) or not _TOKEN.fullmatch(name):
         raise ValueError(f"{field} must be a short token for the RateLimit fields, got {name!r}")
-
-
-def _patterns(values: Iterable[str], field: str) -> list[re.Pattern[str]]:
-    compiled = []
-    for value in values:
-        try:
-            compiled.append(re.compile(value))
-        except (re.error, TypeError) as e:
-            raise ValueError(f"{field}: {value!r} is not a regular expression: {e}") from None
-    return compiled
 
 
 def _check_limiter(limiter: object, field: str) -> None:
@@ -164,7 +149,7 @@ class RateLimitMiddleware:
         self.cost = cost
         self.name = name
         self.headers = headers
-        self._exempt = _patterns(exempt, "exempt")
+        self._exempt = patterns(exempt, "exempt")
         # Each route's limiter, key, name and policy field, worked out here, once.
         self._default = None if limiter is None else self._choose(limiter, cost, self.key, name)
         self._rules = [
