@@ -40,18 +40,6 @@ import redis
 import redis.asyncio
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
-from resilience.integrations.asgi import (
-    CircuitBreakerMiddleware,
-    RateLimitMiddleware,
-    ResponseCacheMiddleware,
-    Rule,
-    client_ip,
-    first,
-    header,
-    join,
-    metrics_app,
-    path_template,
-)
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -66,6 +54,18 @@ from support.uvicorn_server import UvicornServer, stop_all
 from support.ws_client import WebSocketClient, server_supports_websockets
 
 import resilience as rs
+from resilience.integrations.asgi import (
+    CircuitBreakerMiddleware,
+    RateLimitMiddleware,
+    ResponseCacheMiddleware,
+    Rule,
+    client_ip,
+    first,
+    header,
+    join,
+    metrics_app,
+    path_template,
+)
 from resilience.testing import FakeClock
 
 SAFE = 1.0  # Redis timeout where no outage is staged: a busy shared Redis must not fail a test
@@ -1483,6 +1483,11 @@ async def over_redis(
                 failure_threshold=1,
                 recovery_timeout=RECOVERY,
                 success_threshold=1,
+                # A probe that reports after its lease is ignored (docs/breaker.md), and
+                # the lease defaults to RECOVERY: shorter than one round trip under
+                # proxy.delay(0.05), let alone a reconnect's four. Let it last as long as
+                # a Redis answer may take.
+                probe_lease=SAFE,
                 include=(redis.RedisError, OSError),
             )
             client = redis.asyncio.Redis.from_url(proxy.url_for(redis_url))
@@ -1544,8 +1549,8 @@ async def test_redis_outage_under_load(
 
     # Back: after the breaker's recovery, Redis decides again: "before" stays used up (a
     # local or fail-open fallback would admit it) and a fresh key gets exactly `capacity`
-    # (fail-closed would refuse it). Only eventually, though: pooled connections that died
-    # in the cut re-open the breaker a few times first (see the xfail test below).
+    # (fail-closed would refuse it). Only eventually, though: a connection that was in use
+    # when the cut came can go back to the pool dead and re-open the breaker once more.
     await anyio.to_thread.run_sync(proxy.restore)
     deadline = time.monotonic() + 10
     attempt = 0
@@ -1565,22 +1570,14 @@ async def test_redis_outage_under_load(
 
 @pytest.mark.redis
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "OPEN: right after Redis recovers, the backend's recovery is not reported when "
-        "the first request is already decided by Redis again (availability stays [False]), "
-        "and the next burst can meet another outage cycle. Idle pooled connections are "
-        "now dropped on the first outage error (resilience._redis), which fixed the stale "
-        "writes; what remains is not yet understood"
-    ),
-)
 async def test_first_burst_after_redis_recovers_is_decided_by_redis(
     proxy: FaultProxy, over_redis: Callable[[str], Awaitable[OverRedis]]
 ) -> None:
     limited = await over_redis("fail_closed")  # a fallback decision is a visible 429
-    # 50 ms per Redis round trip keeps each burst's 50 requests in flight together, so
-    # the pool grows to ~50 connections and the burst after recovery needs them all.
+    # 50 ms each way per Redis round trip keeps each burst's 50 requests in flight
+    # together, so the pool grows to ~50 connections and the burst after recovery needs
+    # them all. A reconnect then costs four round trips (redis-py 8 sends HELLO, CLIENT
+    # MAINT_NOTIFICATIONS and CLIENT SETINFO first): the fixture's probe_lease covers it.
     await anyio.to_thread.run_sync(proxy.delay, 0.05)
     assert allowed(await limited.batch("warm")) == OverRedis.CAPACITY
     await anyio.to_thread.run_sync(proxy.cut)
