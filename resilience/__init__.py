@@ -4,7 +4,6 @@ import resilience as rs
 breaker = rs.CircuitBreaker("payments", failure_threshold=5, recovery_timeout=30.0)
 """
 
-from resilience._remote import BackendStateChanged, OnError
 from resilience.breaker import (
     BreakerEvent,
     BreakerMode,
@@ -41,6 +40,7 @@ from resilience.limiter import (
     RedisBackend,
     TokenBucket,
 )
+from resilience.remote import BackendStateChanged, OnError
 
 __version__ = "0.1.0"
 

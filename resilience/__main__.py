@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sqlite3
 import sys
 from collections.abc import Callable, Sequence
@@ -378,35 +377,26 @@ def _force(args: argparse.Namespace) -> int:
     return 0
 
 
-_DEFAULT_NAME = re.compile(r"^(?P<capacity>[0-9.e+-]+)@(?P<rate>[0-9.e+-]+)/s$")
-
-
 def _buckets(args: argparse.Namespace) -> int:
+    from resilience.limiter.redis import bucket_levels
+
     if (args.rate is None) != (args.capacity is None):
         _fail("--rate and --capacity go together")
     client = _redis(args.redis)
-    seconds, micros = client.time()
-    now_us = seconds * 1_000_000 + micros
     rows = []
-    pattern = f"{args.prefix}:{{{args.match}}}:*" if args.match != "*" else f"{args.prefix}:*"
-    for raw in client.scan_iter(match=pattern, count=1000):
-        key = raw.decode()
-        head, sep, name = key.rpartition(":")
-        if not sep or not head.startswith(f"{args.prefix}:{{") or not head.endswith("}"):
-            continue
-        rate, capacity = args.rate, args.capacity
-        match = _DEFAULT_NAME.match(name)
-        if rate is None and match:
-            rate, capacity = float(match["rate"]), float(match["capacity"])
-        value = client.get(raw)
-        if value is None:
-            continue  # expired while we looked: full again
-        ahead = max(0.0, float(value) - now_us) / 1e6
-        level = "-" if rate is None else f"{max(0.0, capacity - ahead * rate):.2f}/{capacity:g}"
-        rows.append((head[len(args.prefix) + 2 : -1], name, level, f"{ahead:.2f}s"))
-        if len(rows) >= args.limit:
-            break
-    client.close()
+    try:
+        levels = bucket_levels(
+            client, args.prefix, match=args.match, rate=args.rate, capacity=args.capacity
+        )
+        for level in levels:
+            tokens = "-" if level.tokens is None else f"{level.tokens:.2f}/{level.capacity:g}"
+            rows.append((level.key, level.name, tokens, f"{level.full_in:.2f}s"))
+            if len(rows) >= args.limit:
+                break
+    except ValueError as error:  # a --rate and --capacity no Limit takes
+        _fail(str(error))
+    finally:
+        client.close()
     if not rows:
         print("no buckets below capacity (a full bucket has no key)")
         return 0

@@ -15,9 +15,13 @@
   lock holder; SCRIPT FLUSH between writes.
 - 64 threads / 500 tasks missing one key: one load, one error for all, nothing cached.
 - Sync calls on an asyncio-client cache (and the reverse) are refused with a TypeError.
+- Redis Cluster (a real 3-node cluster started here): writes and deletes on one instance
+  evict the other's local copies over sharded pub/sub on the key's slot, sync and async;
+  a load notice wakes a waiter; a slot that moves flushes and resubscribes.
 
 The shared Redis gets only keys under this test's ``redis_prefix``; everything destructive
-(SCRIPT FLUSH, CLIENT KILL, CONFIG RESETSTAT, MONITOR) runs on a redis-server started here.
+(SCRIPT FLUSH, CLIENT KILL, CONFIG RESETSTAT, MONITOR, moving slots) runs on redis-servers
+started here.
 """
 
 from __future__ import annotations
@@ -43,12 +47,14 @@ import anyio.to_thread
 import pytest
 import redis
 import redis.asyncio
+from redis.crc import key_slot
 from support.faultproxy import FaultProxy
-from support.redis_servers import RedisServer
+from support.redis_servers import RedisCluster3, RedisServer
 from support.services import new_redis_prefix
 
 import resilience as rs
 from resilience.cache import Serializer
+from resilience.remote import shard_channel
 from resilience.testing import FakeClock
 
 pytestmark = pytest.mark.redis
@@ -66,7 +72,7 @@ RECOVERY = 0.2  # the fast breaker's recovery_timeout, seconds
 HANDFUL = 3  # connection attempts allowed while the breaker guards a dead server
 PROBES = 10  # half-open probes a recovery may take (each has the 0.05 s budget)
 
-# The envelope RedisCache writes before the serializer's bytes (see resilience/cache/redis.py):
+# The envelope RedisCache writes before the serializer's bytes (resilience/cache/_redis_base.py):
 # magic 0xC5, version 1, fresh-until (epoch seconds), load time (seconds).
 ENVELOPE = struct.Struct("<BBdd")
 
@@ -1192,7 +1198,7 @@ def test_script_flush_between_writes(make: Callable[..., Node], throwaway: Redis
         b.log.wait_for("invalidated", "k")
         assert b.cache.get("k") == 1
         raw.script_flush()
-        a.cache.set("k", 2)  # NOSCRIPT -> EVAL: still a SET and a PUBLISH
+        a.cache.set("k", 2)  # NOSCRIPT -> SCRIPT LOAD, EVALSHA: still a SET and a PUBLISH
         b.log.wait_for("invalidated", "k", count=2)
         assert b.cache.get("k") == 2
         raw.script_flush()
@@ -1395,3 +1401,202 @@ async def test_async_calls_on_a_sync_client_cache_are_refused(
         cache.cached(ttl=1)(one)
     assert node.remote.guard.breaker.state is rs.CircuitState.CLOSED
     assert cache.get("k") == "v"
+
+
+# --- 12. Redis Cluster: sharded invalidation -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster3]:
+    with RedisCluster3.start(tmp_path_factory.mktemp("cluster")) as c:
+        yield c
+
+
+def wait_listening(node: Node) -> None:
+    wait_until(lambda: node.remote.listening, "every shard subscription confirmed")
+
+
+@pytest.fixture
+def cmake(cluster: RedisCluster3) -> Iterator[Callable[..., Node]]:
+    """Sync two-tier caches on RedisCluster clients, each seeded with another node."""
+    made: list[Node] = []
+    prefix = new_redis_prefix().rstrip(":")
+
+    def factory(**options: Any) -> Node:
+        port = cluster.ports[len(made) % len(cluster.ports)]
+        client = redis.RedisCluster(host="127.0.0.1", port=port)
+        log = EventLog()
+        remote = rs.RedisCache(client, prefix=prefix, timeout=SAFE)
+        cache = rs.TwoTierCache(
+            rs.LocalCache(max_entries=1000, ttl=30.0), remote, listeners=[log], **options
+        )
+        node = Node(cache, log, client)
+        made.append(node)
+        wait_listening(node)
+        return node
+
+    yield factory
+    for node in made:
+        node.cache.close()
+        node.client.close()
+
+
+@pytest.fixture
+async def acmake(
+    require_asyncio: None, cluster: RedisCluster3
+) -> AsyncIterator[Callable[..., Node]]:
+    """Like ``cmake``, with redis.asyncio.RedisCluster clients."""
+    made: list[Node] = []
+    prefix = new_redis_prefix().rstrip(":")
+
+    def factory(**options: Any) -> Node:
+        port = cluster.ports[len(made) % len(cluster.ports)]
+        client = redis.asyncio.RedisCluster(host="127.0.0.1", port=port)
+        log = EventLog()
+        remote = rs.RedisCache(client, prefix=prefix, timeout=SAFE)
+        cache = rs.TwoTierCache(
+            rs.LocalCache(max_entries=1000, ttl=30.0), remote, listeners=[log], **options
+        )
+        node = Node(cache, log, client)
+        made.append(node)
+        wait_listening(node)
+        return node
+
+    yield factory
+    for node in made:
+        await node.cache.aclose()
+        await node.client.aclose()
+
+
+def spread_keys(cluster: RedisCluster3, remote: rs.RedisCache, count: int) -> list[str]:
+    """``count`` keys whose Redis keys live on every node of the cluster."""
+    keys = [f"user:{i}" for i in range(count)]
+    owners = {cluster.node_of(key_slot(remote.key(k).encode())).port for k in keys}
+    assert owners == set(cluster.ports)
+    return keys
+
+
+def shard_subscribers(cluster: RedisCluster3, remote: rs.RedisCache, key: str) -> list[int]:
+    """Per node: subscribers of the shard channel that carries ``key``'s notices."""
+    channel = shard_channel(remote.notice_channel, remote.key(key))
+    counts = []
+    for node in cluster.nodes:
+        with node.client() as c:
+            ((_, count),) = c.execute_command("PUBSUB SHARDNUMSUB", channel)
+            counts.append(int(count))
+    return counts
+
+
+@pytest.mark.slow
+def test_cluster_writes_and_deletes_evict_other_instances_local_tier(
+    cluster: RedisCluster3, cmake: Callable[..., Node]
+) -> None:
+    a, b = cmake(), cmake()
+    keys = spread_keys(cluster, a.remote, 12)
+    for key in keys:
+        a.cache.set(key, "old")
+        b.log.wait_for("invalidated", key)
+        assert b.cache.get(key) == "old"
+        assert b.cache.local.get(key) == "old"  # B serves it locally now
+    # Each notice went to the shard of the key's slot, where both caches listen.
+    owner = cluster.nodes.index(cluster.node_of(key_slot(a.remote.key(keys[0]).encode())))
+    counts = shard_subscribers(cluster, a.remote, keys[0])
+    assert counts[owner] == 2
+    assert sum(counts) == 2
+
+    for key in keys:
+        a.cache.set(key, "new")  # a write on A ...
+    for key in keys:
+        b.log.wait_for("invalidated", key, count=2)
+        assert b.cache.get(key) == "new"  # ... evicts B's local copy
+    for key in keys:
+        a.cache.delete(key)  # and so does a delete
+    for key in keys:
+        b.log.wait_for("invalidated", key, count=3)
+        assert b.cache.get(key, "gone") == "gone"
+
+    b.cache.set("sentinel", 1)  # and the other way round; A ignored its own notices
+    a.log.wait_for("invalidated", "sentinel")
+    assert a.log.keys("invalidated") == ["sentinel"]
+    assert a.log.count("flushed") == b.log.count("flushed") == 1  # on subscribing only
+    assert a.remote.guard.errors == b.remote.guard.errors == 0
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_cluster_writes_and_deletes_evict_other_instances_local_tier_async(
+    cluster: RedisCluster3, acmake: Callable[..., Node]
+) -> None:
+    a, b = acmake(), acmake()
+    keys = spread_keys(cluster, a.remote, 12)
+    for key in keys:
+        await a.cache.aset(key, "old")
+        await b.log.await_for("invalidated", key)
+        assert await b.cache.aget(key) == "old"
+        assert b.cache.local.get(key) == "old"
+    for key in keys:
+        await a.cache.aset(key, "new")
+    for key in keys:
+        await b.log.await_for("invalidated", key, count=2)
+        assert await b.cache.aget(key) == "new"
+    for key in keys:
+        await a.cache.adelete(key)
+    for key in keys:
+        await b.log.await_for("invalidated", key, count=3)
+        assert await b.cache.aget(key, "gone") == "gone"
+    assert a.log.count("invalidated") == 0
+    assert a.remote.guard.errors == b.remote.guard.errors == 0
+
+
+@pytest.mark.slow
+def test_cluster_load_notice_wakes_a_waiter(cmake: Callable[..., Node]) -> None:
+    """The unlock script publishes on the lock key's shard channel: a waiter in another
+    process wakes on it, well before the lease ends, and never loads."""
+    a, b = cmake(), cmake(lock=10.0)
+    assert a.remote.lock("k", "holder", 10_000)  # A is loading "k"
+    calls: list[int] = []
+    got: list[Any] = []
+
+    def load() -> str:
+        calls.append(1)
+        return "from-b"
+
+    waiter = threading.Thread(target=lambda: got.append(b.cache.get_or_load("k", load)))
+    started = time.monotonic()
+    waiter.start()
+    b.log.wait_for("miss", "k")
+    time.sleep(0.1)  # B finds the lock taken and waits
+    a.cache.set("k", "from-a")
+    a.remote.unlock("k", "holder")
+    waiter.join(WAIT)
+    assert got == ["from-a"]
+    assert calls == []
+    assert time.monotonic() - started < 5.0  # woken, not at the lease's end
+    assert a.remote.guard.errors == b.remote.guard.errors == 0
+
+
+@pytest.mark.slow
+def test_cluster_slot_move_flushes_and_resubscribes(
+    cluster: RedisCluster3, cmake: Callable[..., Node]
+) -> None:
+    """When a slot moves, its old node unsubscribes the slot's shard channel; the cache
+    flushes (notices may be lost), subscribes on the new owner, and flushes again."""
+    a, b = cmake(), cmake()
+    key = "moving"
+    slot = key_slot(a.remote.key(key).encode())
+    a.cache.set(key, "v1")
+    b.log.wait_for("invalidated", key)
+    assert b.cache.get(key) == "v1"
+    flushed = b.log.count("flushed")
+
+    source = cluster.node_of(slot)
+    target = next(n for n in cluster.nodes if n is not source)
+    cluster.move_slot(slot, target)
+    b.log.wait_for("flushed", count=flushed + 2)  # lost, then subscribed again
+    wait_listening(b)
+    assert shard_subscribers(cluster, a.remote, key)[cluster.nodes.index(target)] == 2
+
+    a.cache.set(key, "v2")  # A's client follows the MOVED reply to the new owner
+    b.log.wait_for("invalidated", key, count=2)
+    assert b.cache.get(key) == "v2"
+    cluster.move_slot(slot, source)

@@ -36,6 +36,7 @@ from support.faultproxy import FaultProxy
 from support.redis_servers import RedisCluster3, RedisServer
 
 import resilience as rs
+from resilience.limiter import redis as layout
 from resilience.testing import FakeClock
 
 pytestmark = pytest.mark.redis
@@ -996,3 +997,53 @@ async def test_batch_of_200_in_one_call_async(
         assert events.seen == []
     finally:
         await aclose_backend(backend)
+
+
+# --- 10. the bucket layout, read back ----------------------------------------------------
+
+
+def test_layout_functions_match_what_the_backend_writes(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    backend = rs.RedisBackend(redis_client, prefix=prefix, timeout=SAFE, on_error="fail_closed")
+    default = rs.TokenBucket(rate=1.0, capacity=10, backend=backend)
+    custom = rs.TokenBucket(rate=2.0, capacity=4, backend=backend, name="api")
+    odd_key = "we{ir}d%key"
+    for _ in range(4):
+        assert default.try_acquire("user:1")
+    assert custom.try_acquire(odd_key, cost=3)
+
+    key = layout.bucket_key(prefix, "user:1", default.name)
+    assert key == bucket_key(prefix, "user:1", default)
+    assert redis_client.exists(key) == 1
+    odd = layout.bucket_key(prefix, odd_key, "api")
+    assert odd == f"{prefix}:{{we%7Bir%7Dd%25key}}:api"
+    assert redis_client.exists(odd) == 1
+    assert layout.split_bucket_key(prefix, odd) == ("we%7Bir%7Dd%25key", "api")
+    assert layout.split_bucket_key(prefix, f"{prefix}:other") is None
+    assert layout.split_bucket_key("elsewhere", key) is None
+
+    assert layout.limit_from_name(default.name) == rs.Limit(rate=1.0, capacity=10)
+    assert layout.limit_from_name("api") is None
+    assert layout.limit_from_name("1@0/s") is None  # a name that only looks like a limit
+
+    now = redis_now_us(redis_client)
+    value = redis_client.get(key)
+    assert value is not None
+    assert 3.5 <= layout.full_in(value, now) <= 4.0  # 4 tokens at 1/s
+    assert 6.0 <= layout.tokens_now(value, now, 1.0, 10) <= 6.5
+    assert layout.tokens_now(now - 5_000_000, now, 1.0, 10) == 10  # full: never above
+
+    levels = {(lv.key, lv.name): lv for lv in layout.bucket_levels(redis_client, prefix)}
+    assert set(levels) == {("user:1", default.name), ("we%7Bir%7Dd%25key", "api")}
+    assert levels["user:1", default.name].capacity == 10
+    tokens = levels["user:1", default.name].tokens
+    assert tokens is not None
+    assert 6.0 <= tokens <= 6.5
+    assert levels["we%7Bir%7Dd%25key", "api"].tokens is None  # the name does not say
+    given = list(layout.bucket_levels(redis_client, prefix, match="we*", rate=2.0, capacity=4))
+    assert [(lv.name, lv.capacity) for lv in given] == [("api", 4)]
+    assert given[0].tokens == pytest.approx(1.0, abs=0.3)
+    with pytest.raises(ValueError, match="together"):
+        list(layout.bucket_levels(redis_client, prefix, rate=1.0))
+    backend.close()

@@ -94,3 +94,17 @@ def test_a_bucket_as_slow_as_redis_allows_is_accepted() -> None:
 @pytest.mark.parametrize("value", [0.001, 0.1, 30, 3600])
 def test_sensible_redis_timeouts_pass(value: float) -> None:
     rs.RedisBackend(redis.asyncio.Redis(), timeout=value)
+
+
+@pytest.mark.parametrize(("timeout", "lease"), [(0.05, 1.0), (0.1, 1.0), (2.0, 10.0)])
+def test_the_default_redis_breaker_lets_a_probe_last_a_reconnect(
+    timeout: float, lease: float
+) -> None:
+    # A probe reporting after its lease is ignored by design; with a lease shorter than a
+    # reconnect (up to ~4 round trips of `timeout`), a slow Redis stayed half-open.
+    for backend in (
+        rs.RedisBackend(redis.Redis(), timeout=timeout),
+        rs.RedisCache(redis.Redis(), timeout=timeout),
+    ):
+        assert backend.guard.breaker.config.lease == lease
+        backend.close()

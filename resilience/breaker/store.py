@@ -27,9 +27,9 @@ from typing import Any, Final
 import redis
 
 from resilience import _clock
-from resilience._redis import OUTAGE_ERRORS, budgeted, check_timeout
 from resilience.breaker.breaker import CircuitBreaker
 from resilience.breaker.policy import StateChanged
+from resilience.remote import OUTAGE_ERRORS, budgeted, check_timeout
 
 __all__ = ["FORCE_VALUES", "RedisBreakerStore"]
 

@@ -1,13 +1,17 @@
 """Token buckets in Redis: one Lua script call per decision or per batch, on Redis's clock.
 
-- The script (``token_bucket.lua``, package data) runs with EVALSHA; NOSCRIPT (after a
-  SCRIPT FLUSH, a failover, a new node) reloads it and retries once.
+- The scripts (``token_bucket.lua``, ``token_bucket_one.lua``: package data) run with
+  EVALSHA; NOSCRIPT (after a SCRIPT FLUSH, a failover, a new node) reloads them and
+  retries once (:class:`resilience.remote.Script`).
 - Time comes from Redis ``TIME`` inside the script, so clients with skewed clocks agree.
-- Keys are ``{prefix}:{<key>}:{limit}``. Every limit of one key shares that hash tag, so
-  a group of limits is one atomic script call, on Redis Cluster too. Braces and ``%`` in
-  a key are percent-escaped, so the tag is never empty or cut short.
-- Keys carry a PEXPIRE of their time to refill: an idle bucket vanishes.
-- A batch is one script call (per hash slot on Cluster, in chunks of ``_CHUNK``).
+- Keys are ``{prefix}:{<key>}:{limit}`` (:func:`bucket_key`). Every limit of one key
+  shares that hash tag, so a group of limits is one atomic script call, on Redis Cluster
+  too. Braces and ``%`` in a key are percent-escaped, so the tag is never empty or cut
+  short.
+- A bucket's value is the time it is full again, in microseconds of Redis's clock; the
+  key carries a PEXPIRE of its time to refill, so an idle (full) bucket has no key.
+  :func:`bucket_levels` reads them back (the ``resilience buckets`` command).
+- A batch is one script call (per hash slot on Cluster, in chunks of 500).
 - The backend talks to Redis through its own connection pool, built from the client's
   settings with ``timeout`` as the socket timeouts and no retries, and through a
   circuit breaker; while Redis is unavailable, ``on_error`` decides.
@@ -15,79 +19,36 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator, Sequence
-from importlib import resources
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Final
 
-from redis.exceptions import NoScriptError
+from resilience.limiter._async_redis import AsyncRedisBackend
+from resilience.limiter._redis_base import ONE, SCRIPT, RedisTable, bucket_key
+from resilience.limiter._redis_base import _pack_one as _pack_one  # tests check it
+from resilience.limiter._sync_redis import SyncRedisBackend
+from resilience.limiter.bucket import Limit
 
-from resilience._redis import CLUSTERS, OUTAGE_ERRORS, Commands, check_client, check_timeout
-from resilience._remote import UNAVAILABLE, BackendStateChanged, OnError, RemoteGuard
-from resilience.breaker import CircuitBreaker
-from resilience.events import Listener
-from resilience.limiter.bucket import Decision, Limit, combine, from_wait
-from resilience.limiter.memory import MemoryBackend, MemoryTable
+__all__ = [
+    "BucketLevel",
+    "RedisBackend",
+    "RedisTable",
+    "bucket_key",
+    "bucket_levels",
+    "bucket_pattern",
+    "full_in",
+    "limit_from_name",
+    "split_bucket_key",
+    "tokens_now",
+]
 
-__all__ = ["RedisBackend", "RedisTable"]
-
-
-def _script(name: str) -> tuple[str, str]:
-    text = resources.files("resilience.limiter").joinpath(name).read_text()
-    return text, hashlib.sha1(text.encode()).hexdigest()
-
-
-SCRIPT, SCRIPT_SHA = _script("token_bucket.lua")  # groups and batches
-ONE, ONE_SHA = _script("token_bucket_one.lua")  # one request, one limit: the hot path
-# EVALSHA ONE_SHA 1 <key> <cost_us> <fill_us> as RESP: the constant head, packed once.
-_ONE_HEAD: Final = f"*6\r\n$7\r\nEVALSHA\r\n$40\r\n{ONE_SHA}\r\n$1\r\n1\r\n".encode()
-
-
-def _pack_one(key: str, cost_us: str, fill_us: str) -> list[bytes]:
-    k, c, f = key.encode(), cost_us.encode(), fill_us.encode()
-    return [
-        b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
-        % (
-            _ONE_HEAD,
-            len(k),
-            k,
-            len(c),
-            c,
-            len(f),
-            f,
-        )
-    ]
+# The scripts' SHA1s, under the names they always had.
+SCRIPT_SHA: Final = SCRIPT.sha
+ONE_SHA: Final = ONE.sha
 
 
-_CHUNK: Final = 500  # requests per script call: bounds how long one call holds Redis
-_new_decision = tuple.__new__
-_ESCAPES = str.maketrans({"%": "%25", "{": "%7B", "}": "%7D"})
-
-# One planned script call: (keys, args, indexes of the requests it decides).
-_Call = tuple[list[str], list[str], list[int]]
-
-
-class RedisTable:
-    """One limit's buckets in Redis; decisions go through the backend."""
-
-    __slots__ = ("args", "fill_arg", "limit", "local", "per_token_us", "suffix", "unit_arg")
-
-    def __init__(self, name: str, limit: Limit, local: MemoryTable) -> None:
-        self.limit = limit
-        self.suffix = f":{name}"
-        self.per_token_us = 1e6 / limit.rate
-        self.args = (repr(self.per_token_us), repr(limit.capacity * self.per_token_us))
-        self.unit_arg = repr(self.per_token_us)  # ARGV[1] of ONE for a cost of 1
-        self.fill_arg = self.args[1]
-        self.local = local
-
-    def one_decision(self, reply: int, cost: float) -> Decision:
-        taken = reply >= 0
-        wait = (reply if taken else -reply - 1) / 1e6
-        return from_wait(wait, cost, self.limit.rate, self.limit.capacity, taken)
-
-
-class RedisBackend:
+class RedisBackend(SyncRedisBackend, AsyncRedisBackend):
     """Token buckets shared by every process and host that uses the same Redis.
 
     ``client`` is a ``redis.Redis`` (sync calls) or ``redis.asyncio.Redis`` (async calls),
@@ -98,233 +59,99 @@ class RedisBackend:
     breaker around Redis (3 failures open it for 1 s).
     """
 
-    def __init__(
-        self,
-        client: Any,
-        *,
-        prefix: str = "rl",
-        timeout: float = 0.1,
-        on_error: str | OnError = "local",
-        breaker: CircuitBreaker | None = None,
-        listeners: Sequence[Listener[BackendStateChanged]] = (),
-    ) -> None:
-        is_async = check_client(client)
-        if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
-            raise ValueError(f"prefix must be a non-empty string without braces, got {prefix!r}")
-        budget = check_timeout(timeout)
-        self.is_async = is_async
-        self.is_cluster = isinstance(client, CLUSTERS)
-        self.prefix = prefix
-        self.on_error = OnError.parse(on_error)
-        self._commands = Commands(client, budget)
-        self._client = self._commands.client
-        self._local = MemoryBackend()
-        self.guard = RemoteGuard(
-            f"redis:{prefix}",
-            errors=OUTAGE_ERRORS,
-            on_error=self.on_error,
-            breaker=breaker,
-            listeners=list(listeners),
-        )
 
-    def close(self) -> None:
-        """Disconnect the backend's own connection pool (the client you passed stays open)."""
-        self._require(False, "close")
-        self._commands.close()
+# -- reading the buckets back (operators, `resilience buckets`) ---------------------------
 
-    async def aclose(self) -> None:
-        self._require(True, "aclose")
-        await self._commands.aclose()
+#: ``str(Limit)``, the name a TokenBucket gets when it is given none: ``20@10/s``.
+_DEFAULT_NAME: Final = re.compile(r"^(?P<capacity>[0-9.e+-]+)@(?P<rate>[0-9.e+-]+)/s$")
 
-    def table(self, name: str, limit: Limit) -> RedisTable:
-        if "{" in name or "}" in name:
-            raise ValueError(f"name must not contain braces, got {name!r}")
-        return RedisTable(name, limit, self._local.table(name, limit))
 
-    # -- planning calls and reading replies ----------------------------------------------
+def limit_from_name(name: str) -> Limit | None:
+    """The limit a default limiter name (``str(Limit)``, e.g. ``20@10/s``) stands for, or
+    None for a name of the user's own. The name rounds to 6 significant digits."""
+    found = _DEFAULT_NAME.match(name)
+    if found is None:
+        return None
+    try:
+        return Limit(rate=float(found["rate"]), capacity=float(found["capacity"]))
+    except ValueError:
+        return None
 
-    def _head(self, key: str) -> str:
-        if "{" in key or "}" in key or "%" in key:
-            key = key.translate(_ESCAPES)
-        return f"{self.prefix}:{{{key}}}"
 
-    def _plan(
-        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
-    ) -> Iterator[_Call]:
-        """Script calls for ``items``: one per chunk, and per hash slot on Cluster."""
-        limit_args = [str(len(tables))]
-        for t in tables:
-            limit_args.extend(t.args)
-        groups: dict[int, list[int]] = {}
-        if self.is_cluster:
-            for i, (key, _) in enumerate(items):
-                slot = self._client.keyslot(self._head(key))
-                groups.setdefault(slot, []).append(i)
+def bucket_pattern(prefix: str, match: str = "*") -> str:
+    """A SCAN MATCH pattern for the buckets of the request keys ``match`` (a glob)."""
+    return f"{prefix}:{{{match}}}:*" if match != "*" else f"{prefix}:*"
+
+
+def split_bucket_key(prefix: str, key: str) -> tuple[str, str] | None:
+    """``(request key, limiter name)`` of a bucket's Redis key, or None for another key.
+    The request key is as stored: braces and ``%`` percent-escaped."""
+    head, sep, name = key.rpartition(":")
+    start = f"{prefix}:{{"
+    if not sep or not head.startswith(start) or not head.endswith("}"):
+        return None
+    return head[len(start) : -1], name
+
+
+def full_in(value: bytes | str | float, now_us: int) -> float:
+    """Seconds until a bucket whose stored value is ``value`` is full again, at Redis time
+    ``now_us`` (microseconds)."""
+    return max(0.0, float(value) - now_us) / 1e6
+
+
+def tokens_now(value: bytes | str | float, now_us: int, rate: float, capacity: float) -> float:
+    """Tokens in a bucket whose stored value is ``value``, at Redis time ``now_us``."""
+    return max(0.0, capacity - full_in(value, now_us) * rate)
+
+
+@dataclass(frozen=True, slots=True)
+class BucketLevel:
+    """One bucket below capacity, as Redis holds it now."""
+
+    #: The request key, as stored (braces and ``%`` percent-escaped).
+    key: str
+    #: The limiter's name (``str(Limit)`` unless it was given one).
+    name: str
+    #: Seconds until the bucket is full again (and its key expires).
+    full_in: float
+    #: Tokens now, when the limit is known (from a default name, or given).
+    tokens: float | None
+    #: The capacity, when the limit is known.
+    capacity: float | None
+
+
+def bucket_levels(
+    client: Any,
+    prefix: str,
+    *,
+    match: str = "*",
+    rate: float | None = None,
+    capacity: float | None = None,
+) -> Iterator[BucketLevel]:
+    """Every bucket under ``prefix`` that is below capacity (a full bucket has no key),
+    for request keys matching the glob ``match``, read with a sync ``redis.Redis``.
+    ``rate`` and ``capacity``, when given, are the limit of every bucket listed (for
+    limiters with names of their own); otherwise a default name says it."""
+    if (rate is None) != (capacity is None):
+        raise ValueError("rate and capacity go together")
+    given = None if rate is None or capacity is None else Limit(rate, capacity)
+    seconds, micros = client.time()
+    now_us = int(seconds) * 1_000_000 + int(micros)
+    for raw in client.scan_iter(match=bucket_pattern(prefix, match), count=1000):
+        parts = split_bucket_key(prefix, raw.decode() if isinstance(raw, bytes) else raw)
+        if parts is None:
+            continue
+        value = client.get(raw)
+        if value is None:
+            continue  # expired while we looked: full again
+        try:
+            ahead = full_in(value, now_us)
+        except ValueError:
+            continue  # not a number: not a bucket of ours
+        key, name = parts
+        limit = given or limit_from_name(name)
+        if limit is None:
+            yield BucketLevel(key, name, ahead, None, None)
         else:
-            groups[0] = list(range(len(items)))
-        for indexes in groups.values():
-            for start in range(0, len(indexes), _CHUNK):
-                chunk = indexes[start : start + _CHUNK]
-                keys: list[str] = []
-                costs: list[str] = []
-                for i in chunk:
-                    key, cost = items[i]
-                    head = self._head(key)
-                    keys.extend(head + t.suffix for t in tables)
-                    costs.append(repr(cost))
-                yield keys, limit_args + costs, chunk
-
-    @staticmethod
-    def _read(
-        tables: Sequence[RedisTable],
-        items: Sequence[tuple[str, float]],
-        call: _Call,
-        reply: bytes | str,
-        out: list[Decision | None],
-    ) -> None:
-        fields = reply.split()
-        step = 1 + len(tables)
-        for n, i in enumerate(call[2]):
-            cost = items[i][1]
-            taken = int(fields[n * step]) == 1
-            parts = [
-                from_wait(
-                    int(fields[n * step + 1 + j]) / 1e6,
-                    cost,
-                    t.limit.rate,
-                    t.limit.capacity,
-                    taken,
-                )
-                for j, t in enumerate(tables)
-            ]
-            out[i] = combine(parts)
-
-    def _fallback(
-        self, tables: Sequence[RedisTable], key: str, cost: float, now: float
-    ) -> Decision:
-        if self.on_error is OnError.LOCAL:
-            return self._local.decide_group([t.local for t in tables], key, cost, now)
-        limit = tables[0].limit
-        if self.on_error is OnError.FAIL_OPEN:
-            return _new_decision(Decision, (True, 0, 0.0, 0.0, int(limit.capacity)))
-        # Denied: come back when the breaker next asks Redis, or after one token's time.
-        retry = max(self.guard.breaker.retry_after, cost / limit.rate)
-        return _new_decision(Decision, (False, 0, retry, 0.0, int(limit.capacity)))
-
-    def _require(self, want_async: bool, method: str) -> None:
-        if self.is_async != want_async:
-            kind = "redis.asyncio" if self.is_async else "sync redis"
-            other = "a" + method if not want_async else method[1:]
-            raise TypeError(f"{method}() cannot use this backend's {kind} client; call {other}()")
-
-    # -- sync ------------------------------------------------------------------------------
-
-    def _eval(self, keys: list[str], args: list[str]) -> Any:
-        try:
-            return self._commands.run("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
-        except NoScriptError:
-            self._client.script_load(SCRIPT)
-            return self._commands.run("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
-
-    def _eval_one(self, key: str, cost_us: str, fill_us: str) -> Any:
-        packed = _pack_one(key, cost_us, fill_us)
-        try:
-            return self._commands.run("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
-        except NoScriptError:
-            self._client.script_load(ONE)
-            return self._commands.run("EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed)
-
-    def _run(
-        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
-    ) -> list[Decision]:
-        out: list[Decision | None] = [None] * len(items)
-        for call in self._plan(tables, items):
-            self._read(tables, items, call, self._eval(call[0], call[1]), out)
-        return out  # type: ignore[return-value]  # every index is filled by its call
-
-    def decide(self, tables: Sequence[RedisTable], key: str, cost: float, now: float) -> Decision:
-        if self.is_async:
-            self._require(False, "try_acquire")
-        if len(tables) == 1:
-            table = tables[0]
-            cost_us = table.unit_arg if cost == 1 else repr(cost * table.per_token_us)
-            reply = self.guard.call(
-                self._eval_one, self._head(key) + table.suffix, cost_us, table.fill_arg
-            )
-            if reply is UNAVAILABLE:
-                return self._fallback(tables, key, cost, now)
-            return table.one_decision(reply, cost)
-        return self._decide(tables, [(key, cost)], now)[0]
-
-    def decide_many(
-        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]], now: float
-    ) -> list[Decision]:
-        self._require(False, "try_acquire_many")
-        return self._decide(tables, items, now)
-
-    def _decide(
-        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]], now: float
-    ) -> list[Decision]:
-        decisions = self.guard.call(self._run, tables, items)
-        if decisions is UNAVAILABLE:
-            return [self._fallback(tables, k, c, now) for k, c in items]
-        return decisions
-
-    # -- async -----------------------------------------------------------------------------
-
-    async def _aeval(self, keys: list[str], args: list[str]) -> Any:
-        try:
-            return await self._commands.arun("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
-        except NoScriptError:
-            await self._client.script_load(SCRIPT)
-            return await self._commands.arun("EVALSHA", SCRIPT_SHA, len(keys), *keys, *args)
-
-    async def _aeval_one(self, key: str, cost_us: str, fill_us: str) -> Any:
-        packed = _pack_one(key, cost_us, fill_us)
-        try:
-            return await self._commands.arun(
-                "EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed
-            )
-        except NoScriptError:
-            await self._client.script_load(ONE)
-            return await self._commands.arun(
-                "EVALSHA", ONE_SHA, 1, key, cost_us, fill_us, packed=packed
-            )
-
-    async def _arun(
-        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
-    ) -> list[Decision]:
-        out: list[Decision | None] = [None] * len(items)
-        for call in self._plan(tables, items):
-            self._read(tables, items, call, await self._aeval(call[0], call[1]), out)
-        return out  # type: ignore[return-value]
-
-    async def adecide(
-        self, tables: Sequence[RedisTable], key: str, cost: float, now: float
-    ) -> Decision:
-        if not self.is_async:
-            self._require(True, "atry_acquire")
-        if len(tables) == 1:
-            table = tables[0]
-            cost_us = table.unit_arg if cost == 1 else repr(cost * table.per_token_us)
-            reply = await self.guard.acall(
-                self._aeval_one, self._head(key) + table.suffix, cost_us, table.fill_arg
-            )
-            if reply is UNAVAILABLE:
-                return self._fallback(tables, key, cost, now)
-            return table.one_decision(reply, cost)
-        return (await self._adecide(tables, [(key, cost)], now))[0]
-
-    async def adecide_many(
-        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]], now: float
-    ) -> list[Decision]:
-        self._require(True, "atry_acquire_many")
-        return await self._adecide(tables, items, now)
-
-    async def _adecide(
-        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]], now: float
-    ) -> list[Decision]:
-        decisions = await self.guard.acall(self._arun, tables, items)
-        if decisions is UNAVAILABLE:
-            return [self._fallback(tables, k, c, now) for k, c in items]
-        return decisions
+            tokens = tokens_now(value, now_us, limit.rate, limit.capacity)
+            yield BucketLevel(key, name, ahead, tokens, limit.capacity)

@@ -23,6 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import pytest
 import redis
@@ -276,6 +277,50 @@ class RedisCluster3:
             and fields.get("cluster_slots_assigned") == "16384"
             and fields.get("cluster_known_nodes") == str(len(self.nodes))
         )
+
+    def node_of(self, slot: int) -> RedisServer:
+        """The node that serves ``slot`` now (as the first node sees it)."""
+        with self.nodes[0].client() as c:
+            for start, end, primary, *_ in c.execute_command("CLUSTER SLOTS"):
+                if int(start) <= slot <= int(end):
+                    port = int(primary[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def move_slot(self, slot: int, target: RedisServer) -> None:
+        """Move ``slot`` and its keys to ``target``, the way ``redis-cli --cluster reshard``
+        does (IMPORTING, MIGRATING, MIGRATE, SETSLOT NODE), and wait until every node
+        agrees. The source then unsubscribes the slot's shard channels."""
+        source = self.node_of(slot)
+        if source is target:
+            return
+        # Any: redis-py's execute_command has no annotations.
+        clients: dict[int, Any] = {node.port: node.client() for node in self.nodes}
+        try:
+            ids = {port: str(c.execute_command("CLUSTER MYID")) for port, c in clients.items()}
+            src, dst = clients[source.port], clients[target.port]
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source.port])
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target.port])
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", HOST, target.port, "", 0, 5000, "KEYS", *keys)
+            others = [port for port in clients if port not in (target.port, source.port)]
+            for port in (target.port, source.port, *others):
+                clients[port].execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target.port])
+            deadline = time.monotonic() + START_TIMEOUT
+            while not all(self._serves(c, slot, target.port) for c in clients.values()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the nodes do not agree that {target.port} has {slot}")
+                time.sleep(0.05)
+        finally:
+            for c in clients.values():
+                c.close()
+
+    @staticmethod
+    def _serves(client: Any, slot: int, port: int) -> bool:
+        for start, end, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+            if int(start) <= slot <= int(end):
+                return int(primary[1]) == port
+        return False
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -1,28 +1,20 @@
-"""A remote backend (Redis) behind a time budget, a circuit breaker and a fallback policy.
-
-While the remote is healthy, calls go through the breaker's lock-free closed path. When
-it fails, the caller gets ``UNAVAILABLE`` and applies its documented policy; once the
-breaker opens, that answer costs a float comparison instead of a socket timeout. Each
-transition is logged once and reported to listeners.
-"""
+"""What a guarded remote backend reports, and the guard's state (shared by sync and async)."""
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeVar
+from typing import Final
 
 from resilience.breaker import CircuitBreaker, StateChanged
 from resilience.breaker.policy import CircuitState
 from resilience.errors import CircuitOpenError
-from resilience.events import Listener
+from resilience.events import Listener, Telemetry
 
-__all__ = ["UNAVAILABLE", "BackendStateChanged", "OnError", "RemoteGuard"]
+__all__ = ["UNAVAILABLE", "BackendStateChanged", "GuardBase", "OnError", "Unavailable"]
 
 log = logging.getLogger("resilience")
-T = TypeVar("T")
 
 
 class OnError(enum.Enum):
@@ -41,23 +33,27 @@ class OnError(enum.Enum):
             raise ValueError(f"{field} must be one of {choices}, got {value!r}") from None
 
 
-class _Unavailable(enum.Enum):
+class Unavailable(enum.Enum):
     UNAVAILABLE = "unavailable"
 
 
 #: What RemoteGuard returns instead of a result when the backend could not answer.
-UNAVAILABLE: Final = _Unavailable.UNAVAILABLE
+UNAVAILABLE: Final = Unavailable.UNAVAILABLE
 
 
 @dataclass(frozen=True, slots=True)
 class BackendStateChanged:
+    """A remote backend went away (``available`` False) or came back."""
+
     backend: str
     available: bool
     on_error: OnError
     error: BaseException | None
 
 
-class RemoteGuard:
+class GuardBase:
+    """The breaker around one backend, its counters, and one report per transition."""
+
     def __init__(
         self,
         name: str,
@@ -66,6 +62,7 @@ class RemoteGuard:
         on_error: OnError,
         breaker: CircuitBreaker | None,
         listeners: list[Listener[BackendStateChanged]],
+        timeout: float | None = None,
     ) -> None:
         self.name = name
         self.on_error = on_error
@@ -78,11 +75,16 @@ class RemoteGuard:
         # costs one count in a figure that only ever grows during outages.
         self.errors = 0
         self.fallbacks = 0
+        self.outages = 0
         self.breaker = breaker or CircuitBreaker(
             f"backend:{name}",
             failure_threshold=3,
             recovery_timeout=1.0,
             success_threshold=1,
+            # A probe that reports after its lease is ignored: let it last a reconnect
+            # (connect, handshake, the command: each up to ``timeout``), or a Redis that
+            # answers slowly but surely would keep the breaker half-open for good.
+            probe_lease=None if timeout is None else max(1.0, 5 * timeout),
             include=errors,
         )
         if not isinstance(self.breaker, CircuitBreaker):
@@ -93,6 +95,20 @@ class RemoteGuard:
     def add_listener(self, listener: Listener[BackendStateChanged]) -> None:
         """Hear of every outage and recovery (one event each)."""
         self._listeners.append(listener)
+
+    def telemetry(self) -> Telemetry:
+        """What a metrics consumer reads for the backend this guard protects: plain
+        counters, and availability as last reported (one change per outage)."""
+        return Telemetry("backend", self.name, self._read, links=(self.breaker,))
+
+    def _read(self) -> dict[str, object]:
+        return {
+            "available": self._reported_available,
+            "on_error": self.on_error.value,
+            "outages": self.outages,
+            "errors": self.errors,
+            "fallbacks": self.fallbacks,
+        }
 
     @property
     def available(self) -> bool:
@@ -105,6 +121,7 @@ class RemoteGuard:
             return
         if event.new is CircuitState.OPEN and self._reported_available:
             self._reported_available = False
+            self.outages += 1
             error = self._last_error
             log.warning(
                 "resilience backend %r unavailable (%s); %s until it recovers",
@@ -124,39 +141,6 @@ class RemoteGuard:
                 listener(change)
             except Exception:
                 log.exception("resilience listener %r failed", listener)
-
-    # The error is noted inside the breaker's call, before a trip it causes is reported.
-    def _noting(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            return fn(*args)
-        except self._errors as error:
-            self._last_error = error
-            self.errors += 1
-            raise
-
-    async def _anoting(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        try:
-            return await fn(*args)
-        except self._errors as error:
-            self._last_error = error
-            self.errors += 1
-            raise
-
-    def call(self, fn: Callable[..., T], *args: Any) -> T | Literal[_Unavailable.UNAVAILABLE]:
-        try:
-            return self.breaker.call(self._noting, fn, *args)
-        except self._unavailable:
-            self.fallbacks += 1
-            return UNAVAILABLE
-
-    async def acall(
-        self, fn: Callable[..., Awaitable[T]], *args: Any
-    ) -> T | Literal[_Unavailable.UNAVAILABLE]:
-        try:
-            return await self.breaker.acall(self._anoting, fn, *args)
-        except self._unavailable:
-            self.fallbacks += 1
-            return UNAVAILABLE
 
 
 def _describe(error: BaseException | None) -> str:
