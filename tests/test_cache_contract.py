@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
 
+import anyio
 import pytest
 import redis
 import redis.asyncio
@@ -210,9 +211,9 @@ async def test_early_refresh_reloads_before_expiry(
     assert await h.load("k", slow) == "v1"
     h.clock.advance(5.0)  # fresh for 3 more seconds
     # rand near 1: ln(rand) ~ 0, no early refresh; rand tiny: refresh now.
-    monkeypatch.setattr("resilience.cache.cache._random", lambda: 0.0)
+    monkeypatch.setattr("resilience.cache._core._random", lambda: 0.0)
     assert await h.load("k", slow) == "v1"
-    monkeypatch.setattr("resilience.cache.cache._random", lambda: 1.0 - 1e-9)
+    monkeypatch.setattr("resilience.cache._core._random", lambda: 1.0 - 1e-9)
     assert await h.load("k", slow) == "v2"
 
 
@@ -220,7 +221,7 @@ async def test_jitter_shortens_ttls_within_the_fraction(
     make: Callable[..., Harness], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = make(ttl=100.0, jitter=0.2)
-    monkeypatch.setattr("resilience.cache.cache._random", lambda: 1.0)
+    monkeypatch.setattr("resilience.cache._core._random", lambda: 1.0)
     assert await h.load("k", lambda: 1) == 1
     h.clock.advance(79.0)
     assert await h.load("k", lambda: 2) == 1
@@ -299,3 +300,87 @@ async def test_the_wrong_flavour_of_call_names_the_right_one(make: Callable[...,
 
         with pytest.raises(TypeError, match="an async function"):
             cache.cached()(coro)
+
+
+# -- the Redis tier's read before the single flight ------------------------------------
+
+
+class _NoFlights:
+    """Stands in for a cache's single-flight table: any flight fails the test."""
+
+    def in_flight(self, key: object) -> bool:
+        return False
+
+    def join(self, key: object) -> Any:
+        raise AssertionError(f"a flight was built for {key!r}, which Redis holds")
+
+
+@pytest.fixture
+async def atwo(request: pytest.FixtureRequest) -> AsyncIterator[rs.TwoTierCache]:
+    cache, client = _build("atwo", request, FakeClock(wall_start=1_900_000_000.0))
+    yield cache
+    await cache.aclose()
+    await client.aclose()
+
+
+async def test_a_value_in_redis_is_served_without_a_flight(
+    atwo: rs.TwoTierCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    @atwo.cached(ttl=60)
+    async def profile(user_id: int) -> dict[str, int]:
+        calls.append(user_id)
+        return {"id": user_id}
+
+    await atwo.aset("k", "v")
+    assert await profile(1) == {"id": 1}  # loaded once (through a flight), now in Redis
+    atwo.local.clear()  # as if another instance had filled Redis
+    monkeypatch.setattr(atwo, "_flights", _NoFlights())
+
+    async def not_called() -> str:
+        raise AssertionError("the value was in Redis: no load")
+
+    assert await atwo.aget_or_load("k", not_called) == "v"
+    assert await profile(1) == {"id": 1}
+    assert calls == [1]
+
+
+async def test_a_read_made_before_another_load_landed_is_not_reused(
+    atwo: rs.TwoTierCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first caller's read before joining the flight comes back empty, but only after
+    # a second caller has led a load and stored its value: that empty read is stale, so
+    # the first caller must read again (and find the value), not load a second time.
+    assert atwo.remote is not None
+    real_aget = atwo.remote.aget
+    read, go = anyio.Event(), anyio.Event()
+    first = [True]
+
+    async def held_aget(key: str) -> bytes | None:
+        if first[0]:
+            first[0] = False
+            read.set()
+            await go.wait()
+            return None  # what Redis held when this read was made
+        return await real_aget(key)
+
+    monkeypatch.setattr(atwo.remote, "aget", held_aget)
+    calls: list[int] = []
+
+    async def loader() -> str:
+        calls.append(1)
+        return "loaded"
+
+    results: list[str] = []
+
+    async def call() -> None:
+        results.append(await atwo.aget_or_load("k", loader))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await read.wait()  # the first caller's read is out
+        await call()  # the second leads a flight: it reads, loads and stores
+        go.set()
+    assert results == ["loaded", "loaded"]
+    assert calls == [1]

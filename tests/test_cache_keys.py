@@ -540,3 +540,50 @@ def test_messages_use_the_right_article() -> None:
     # "from a object" read badly; the article follows the type's name.
     with pytest.raises(TypeError, match=r"from an object \(argument 'y'\)"):
         KeyBuilder(f).local((1, object()), {})
+
+
+def two(x: Any, y: Any) -> None:
+    pass
+
+
+def many(a: Any, b: Any, c: Any) -> None:
+    pass
+
+
+def star(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+FAST_CALLS: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
+    ((1,), {}),
+    ((True,), {}),
+    (("1",), {}),
+    ((None,), {}),
+    ((1.0,), {}),
+    ((-0.0,), {}),
+    (([1],), {}),
+    ((1, 2), {}),
+    ((1, "a"), {}),
+    ((1, 2.5), {}),
+    ((1,), {"y": 3}),
+    ((), {"x": 1}),
+    ((1, 2, 3), {}),
+    ((UUID(int=5), date(2026, 1, 2)), {}),
+]
+
+
+@pytest.mark.parametrize("fn", [one, f, two, many, star, Service.m, Service.__dict__["c"]])
+def test_the_specialised_local_key_is_local(fn: Any) -> None:
+    # fast_local is what decorators call on every hit: it must make exactly local()'s keys.
+    kb = KeyBuilder(fn)
+    for args, kwargs in FAST_CALLS:
+        for call in (args, (Service(), *args)):
+            try:
+                expected = kb.local(call, kwargs)
+            except TypeError as error:
+                with pytest.raises(TypeError, match=re.escape(str(error))):
+                    kb.fast_local(call, kwargs)
+                continue
+            got = kb.fast_local(call, kwargs)
+            assert got == expected
+            assert kb.remote(got) == kb.remote(expected)

@@ -164,3 +164,66 @@ def test_system_clock_limiters_follow_freezegun() -> None:
         assert denied.retry_after == pytest.approx(1.0)
         frozen.tick(1.0)
         assert lim.try_acquire("k")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.sampled_from([0.3, 1.0, 7.0, 1000.0, 1e9]),
+    capacity=st.sampled_from([1, 2.5, 10, 64]),
+    gaps=st.lists(st.floats(0, 3, allow_nan=False), max_size=60),
+)
+def test_a_limiters_one_call_path_agrees_with_the_table_and_the_pure_math(
+    rate: float, capacity: float, gaps: list[float]
+) -> None:
+    # try_acquire(key) on a lone in-memory limit is the table's hot path (one call).
+    clock = FakeClock()
+    lim = rs.TokenBucket(rate, capacity, clock=clock)
+    assert "try_acquire" in vars(lim)
+    table = rs.MemoryBackend().table("t", Limit(rate, capacity))
+    full_at: float | None = None
+    for gap in gaps:
+        clock.advance(gap)
+        now = clock.monotonic()
+        expected, new = decide(full_at, now, 1, rate, capacity)
+        if new is not None:
+            full_at = new
+        got = lim.try_acquire("k")
+        assert got == table.decide("k", 1, now)  # the same floats as the table's decide
+        assert got.allowed == expected.allowed
+        assert got.remaining == expected.remaining
+        assert got.retry_after == pytest.approx(expected.retry_after, abs=1e-9)
+        assert got.reset_after == pytest.approx(expected.reset_after, abs=1e-9)
+
+
+def test_the_one_call_path_is_taken_only_while_it_is_exact() -> None:
+    clock = FakeClock()
+    lim = rs.TokenBucket(1.0, 3, clock=clock)
+    assert lim.try_acquire("k", 2).remaining == 1  # other costs: the general path
+    assert not lim.try_acquire("k", 1.5)
+    with pytest.raises(TypeError, match="cost"):
+        lim.try_acquire("k", True)
+    with pytest.raises(TypeError, match="key"):
+        lim.try_acquire(b"k")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="key"):
+        lim.try_acquire("")
+    seen: list[rs.LimiterDecision] = []
+
+    def listen(event: rs.LimiterDecision) -> None:
+        seen.append(event)
+
+    lim.add_listener(listen)  # listeners are told of every decision
+    assert "try_acquire" not in vars(lim)
+    assert lim.try_acquire("k")
+    assert [e.decision.allowed for e in seen] == [True]
+    lim.remove_listener(listen)
+    assert "try_acquire" in vars(lim)
+    assert not lim.try_acquire("k")
+    assert len(seen) == 1
+    # Fractional capacity (a cost of 1 may not fit) and groups never take it.
+    assert "try_acquire" not in vars(rs.TokenBucket(1.0, 0.5))
+    shared = rs.MemoryBackend()
+    group = rs.LimitGroup(
+        rs.TokenBucket(1.0, 3, name="a", backend=shared),
+        rs.TokenBucket(1.0, 5, name="b", backend=shared),
+    )
+    assert "try_acquire" not in vars(group)

@@ -1,35 +1,25 @@
-"""TokenBucket and LimitGroup: the sync and async shells over a bucket backend."""
+"""TokenBucket and LimitGroup: the sync and async shells over a bucket backend.
+
+A limiter is assembled from ``LimiterCore`` (``_core.py``: limits, tables, clock,
+listeners, checks), ``AsyncLimiterOps`` (``_async_shell.py``: the async methods) and
+``SyncLimiterOps``, generated from it by scripts/unasync.py.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
-import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
-import anyio
-
-from resilience._clock import SYSTEM_CLOCK, Clock, resolve
-from resilience._clock import monotonic as _monotonic
-from resilience.errors import RateLimited
-from resilience.events import Dispatcher, Listener
+from resilience._clock import Clock
+from resilience.limiter._async_shell import AsyncLimiterOps
+from resilience.limiter._core import LimiterDecision, check_timeout
+from resilience.limiter._sync_shell import SyncLimiterOps
 from resilience.limiter.bucket import Decision, Limit
-from resilience.limiter.memory import MemoryBackend, MemoryTable
+from resilience.limiter.memory import MemoryBackend
 
 __all__ = ["Backend", "LimitGroup", "LimiterDecision", "TokenBucket"]
-
-
-@dataclass(frozen=True, slots=True)
-class LimiterDecision:
-    """One decision, for listeners (metrics). ``limiter`` is the limiter's name."""
-
-    limiter: str
-    key: str
-    cost: float
-    decision: Decision
-
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -55,161 +45,31 @@ class Backend(Protocol):
     ) -> list[Decision]: ...
 
 
-def _bad_key(key: object) -> NoReturn:
-    if not isinstance(key, str):
-        raise TypeError(f"key must be a str, got {type(key).__name__}")
-    raise ValueError("key must be a non-empty string")
-
-
-def _timeout(value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"timeout must be None or a number of seconds >= 0, got {value!r}")
-    return float(value)
-
-
-class _Limiter:
-    """What TokenBucket and LimitGroup share: validation, waiting, batches, decorator."""
+class _Limiter(SyncLimiterOps, AsyncLimiterOps):
+    """What TokenBucket and LimitGroup share: the sync and async methods, the decorator."""
 
     def __init__(
         self, limits: Sequence[Limit], tables: Sequence[Any], backend: Any, clock: Clock | None
     ) -> None:
-        self.limits = tuple(limits)
-        self.backend = backend
-        self._tables = tuple(tables)
-        self._clock = resolve(clock)
-        self._sleep: Callable[[float], None] = getattr(self._clock, "sleep", time.sleep)
-        self._asleep: Callable[[float], Awaitable[None]] = getattr(
-            self._clock, "asleep", anyio.sleep
-        )
-        # The system clock is read through a module global (see _monotonic); others as given.
-        self._now: Callable[[], float] | None = (
-            None if self._clock is SYSTEM_CLOCK else self._clock.monotonic
-        )
-        # A cost of exactly 1 needs no check when every capacity holds a whole token.
-        self._unit_ok = min(limit.capacity for limit in limits) >= 1
-        # One in-memory limit: call its table directly (the hot path). Listeners take the
-        # general path, so a limiter nobody listens to pays nothing for the hook.
-        self._fast: MemoryTable | None = (
-            self._tables[0] if len(tables) == 1 and isinstance(backend, MemoryBackend) else None
-        )
-        self._single: MemoryTable | None = self._fast
-        self._events: Dispatcher[LimiterDecision] = Dispatcher()
-        self.name = ""
+        super().__init__(limits, tables, backend, clock)
+        self._route()
 
-    def add_listener(self, listener: Listener[LimiterDecision]) -> None:
-        """Call ``listener(LimiterDecision)`` after every decision."""
-        self._events.add(listener)
-        self._single = None
-
-    def remove_listener(self, listener: Listener[LimiterDecision]) -> None:
-        self._events.remove(listener)
-        if not self._events:
-            self._single = self._fast
-
-    def _emit(self, key: str, cost: float, decision: Decision) -> None:
-        self._events.queue.append(LimiterDecision(self.name, key, cost, decision))
-        self._events.drain()
-
-    async def _aemit(self, key: str, cost: float, decision: Decision) -> None:
-        self._events.queue.append(LimiterDecision(self.name, key, cost, decision))
-        await self._events.adrain()
-
-    def _cost(self, cost: float) -> float:
-        for limit in self.limits:
-            limit.check_cost(cost)
-        return float(cost)
-
-    def try_acquire(self, key: str, cost: float = 1) -> Decision:
-        """Take ``cost`` tokens for ``key`` if they are there; never waits."""
-        if key.__class__ is not str or not key:
-            _bad_key(key)
-        if not self._unit_ok or cost != 1 or cost.__class__ is not int:
-            cost = self._cost(cost)
-        now = _monotonic() if self._now is None else self._now()
-        single = self._single
-        if single is not None:
-            return single.decide(key, cost, now)
-        decision: Decision = self.backend.decide(self._tables, key, cost, now)
-        if self._events:
-            self._emit(key, cost, decision)
-        return decision
-
-    async def atry_acquire(self, key: str, cost: float = 1) -> Decision:
-        if key.__class__ is not str or not key:
-            _bad_key(key)
-        if not self._unit_ok or cost != 1 or cost.__class__ is not int:
-            cost = self._cost(cost)
-        now = _monotonic() if self._now is None else self._now()
-        single = self._single
-        if single is not None:
-            return single.decide(key, cost, now)
-        decision: Decision = await self.backend.adecide(self._tables, key, cost, now)
-        if self._events:
-            await self._aemit(key, cost, decision)
-        return decision
-
-    def acquire(self, key: str, cost: float = 1, timeout: float | None = None) -> Decision:
-        """Wait for ``cost`` tokens, up to ``timeout`` seconds, or raise RateLimited.
-
-        It sleeps exactly ``retry_after`` and checks again; when the wait needed is longer
-        than the time left, it raises at once instead of sleeping in vain.
-        """
-        limit = _timeout(timeout)
-        deadline = None if limit is None else self._clock.monotonic() + limit
-        while True:
-            decision = self.try_acquire(key, cost)
-            if decision.allowed:
-                return decision
-            self._check_wait(decision, key, deadline)
-            self._sleep(decision.retry_after)
-
-    async def aacquire(self, key: str, cost: float = 1, timeout: float | None = None) -> Decision:
-        limit = _timeout(timeout)
-        deadline = None if limit is None else self._clock.monotonic() + limit
-        while True:
-            decision = await self.atry_acquire(key, cost)
-            if decision.allowed:
-                return decision
-            self._check_wait(decision, key, deadline)
-            await self._asleep(decision.retry_after)
-
-    def _check_wait(self, decision: Decision, key: str, deadline: float | None) -> None:
-        if deadline is not None and self._clock.monotonic() + decision.retry_after > deadline:
-            raise RateLimited(decision.retry_after, key)
-
-    def _items(self, items: Iterable[str | tuple[str, float]]) -> list[tuple[str, float]]:
-        out = []
-        for item in items:
-            key, cost = (item, 1) if isinstance(item, str) else item
-            if key.__class__ is not str or not key:
-                _bad_key(key)
-            out.append((key, self._cost(cost)))
-        return out
-
-    def try_acquire_many(self, items: Iterable[str | tuple[str, float]]) -> list[Decision]:
-        """Decide many requests in one round trip (Redis: one pipeline). Each is separate."""
-        pairs = self._items(items)
-        decisions = cast(
-            "list[Decision]",
-            self.backend.decide_many(self._tables, pairs, self._clock.monotonic()),
-        )
-        if self._events:
-            for (key, cost), decision in zip(pairs, decisions, strict=True):
-                self._emit(key, cost, decision)
-        return decisions
-
-    async def atry_acquire_many(self, items: Iterable[str | tuple[str, float]]) -> list[Decision]:
-        pairs = self._items(items)
-        decisions = cast(
-            "list[Decision]",
-            await self.backend.adecide_many(self._tables, pairs, self._clock.monotonic()),
-        )
-        if self._events:
-            for (key, cost), decision in zip(pairs, decisions, strict=True):
-                await self._aemit(key, cost, decision)
-        return decisions
+    def _route(self) -> None:
+        """While one in-memory limit decides alone (whole-token capacity, nobody
+        listening), ``try_acquire`` on this instance is its table's hot path: a cost of 1
+        is decided in one Python call. Listeners bring back the general path."""
+        self.__dict__.pop("try_acquire", None)
+        table = self._fast
+        if table is not None and self._unit_ok and not self._events:
+            general = self.try_acquire
+            allowed, denied = self._allowed, self._denied
+            hot = table.hot_path(
+                general,
+                self._now,
+                None if allowed is None else allowed.add,
+                None if denied is None else denied.add,
+            )
+            self.__dict__["try_acquire"] = functools.update_wrapper(hot, general)
 
     def limit(
         self,
@@ -232,26 +92,14 @@ class _Limiter:
         elif wait is False:
             timeout = 0.0
         else:
-            timeout = _timeout(wait)
+            timeout = check_timeout(wait)
         key_of: Callable[..., str] = key if callable(key) else (lambda *a, **k: key)
 
         def decorate(fn: Callable[P, R]) -> Callable[P, R]:
             if inspect.iscoroutinefunction(fn):
                 afn = cast(Callable[P, Awaitable[Any]], fn)
-
-                @functools.wraps(fn)
-                async def limited_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                    await self.aacquire(key_of(*args, **kwargs), cost, timeout)
-                    return await afn(*args, **kwargs)
-
-                return cast(Callable[P, R], limited_async)
-
-            @functools.wraps(fn)
-            def limited(*args: P.args, **kwargs: P.kwargs) -> R:
-                self.acquire(key_of(*args, **kwargs), cost, timeout)
-                return fn(*args, **kwargs)
-
-            return limited
+                return cast(Callable[P, R], self._wrap_async(afn, key_of, cost, timeout))
+            return self._wrap_sync(fn, key_of, cost, timeout)
 
         return decorate
 
