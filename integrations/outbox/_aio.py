@@ -10,10 +10,12 @@ from typing import Any, ClassVar, TypeVar
 
 import anyio.to_thread
 
-from resilience.integrations.outbox._model import BrokerUnavailable, Failure, OutboxEvent
-from resilience.integrations.outbox.brokers import (
+from resilience.integrations.outbox._model import (
+    BrokerUnavailable,
+    Failure,
     FailureTable,
     HeldBack,
+    OutboxEvent,
     Results,
     classify_with,
     encode_batch,

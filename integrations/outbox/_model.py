@@ -1,4 +1,5 @@
-"""The values the outbox passes around: events, failure classes, stats and errors."""
+"""The values the outbox passes around: events, failure classes, stats and errors, and
+what every broker adapter shares (the failure table, batch encoding)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import math
 import random
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
+
+from resilience.errors import CircuitOpenError
 
 __all__ = [
     "Backoff",
@@ -19,11 +22,16 @@ __all__ = [
     "EventRejected",
     "EventTooLarge",
     "Failure",
+    "HeldBack",
     "OutboxEvent",
     "OutboxStats",
     "RowFailure",
     "Status",
+    "classify_with",
+    "encode_batch",
 ]
+
+E = TypeVar("E")
 
 
 class Status(str, enum.Enum):
@@ -62,6 +70,11 @@ class EventTooLarge(EventRejected):
         super().__init__(f"event is {size} bytes; the broker accepts at most {limit}")
         self.size = size
         self.limit = limit
+
+
+class HeldBack(Exception):
+    """Not sent: an earlier event of the same key in this batch failed before sending.
+    The publisher gives the row back without counting an attempt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,3 +239,50 @@ def decode_headers(text: str | None) -> Mapping[str, str]:
 
 
 _NO_HEADERS: Final[Mapping[str, str]] = {}
+
+
+# -- what every broker shares -------------------------------------------------------------
+
+#: One entry per event of a batch: ``None`` when the broker took it, else the exception.
+Results = list[BaseException | None]
+FailureTable = Sequence[tuple[type[BaseException] | tuple[type[BaseException], ...], Failure]]
+
+#: Failures every adapter shares, checked after the adapter's own rows.
+COMMON_FAILURES: Final[FailureTable] = (
+    (CircuitOpenError, Failure.OUTAGE),
+    (BrokerUnavailable, Failure.OUTAGE),
+    ((ConnectionError, TimeoutError), Failure.OUTAGE),
+    (EventRejected, Failure.POISON),
+    ((TypeError, ValueError, UnicodeError, OverflowError), Failure.POISON),
+    (OSError, Failure.OUTAGE),
+)
+
+
+def classify_with(table: FailureTable, error: BaseException) -> Failure:
+    """The first row of ``table`` (then the common rows) that matches ``error``."""
+    for types, failure in (*table, *COMMON_FAILURES):
+        if isinstance(error, types):
+            return failure
+    return Failure.UNKNOWN
+
+
+def encode_batch(
+    events: Sequence[OutboxEvent], encode: Callable[[OutboxEvent], E]
+) -> tuple[list[tuple[int, E]], Results]:
+    """Encode every event up front: (index, encoded) pairs to send, and the results so far.
+
+    A failed encoding holds back the later events of its key."""
+    results: Results = [None] * len(events)
+    ready: list[tuple[int, E]] = []
+    failed_keys: set[str] = set()
+    for index, event in enumerate(events):
+        if event.key is not None and event.key in failed_keys:
+            results[index] = HeldBack(f"held back behind a failed event of key {event.key!r}")
+            continue
+        try:
+            ready.append((index, encode(event)))
+        except Exception as error:
+            results[index] = error
+            if event.key is not None:
+                failed_keys.add(event.key)
+    return ready, results

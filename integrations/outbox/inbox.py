@@ -17,7 +17,7 @@ from typing import Any
 
 from resilience import clock as _clock
 from resilience.integrations.outbox._model import check_identifier, positive
-from resilience.integrations.outbox._store import read_ddl
+from resilience.integrations.outbox._sql import read_ddl
 
 __all__ = ["Inbox"]
 
@@ -58,52 +58,58 @@ class Inbox:
             return "postgres"
         raise TypeError(f"conn must be a sqlite3 or psycopg connection, got {type(conn).__name__}")
 
-    def _sql(self, dialect: str) -> tuple[str, str]:
-        mark = "?" if dialect == "sqlite" else "%s"
-        insert = (
+    def _ddl(self, conn: object) -> str:
+        dialect = self._dialect(conn)
+        name = "sqlite_inbox.sql" if dialect == "sqlite" else "postgres_inbox.sql"
+        return read_ddl(name, table=self.qualified, name=self.table)
+
+    # Each operation is one statement: the helpers check the connection and build it, so
+    # the sync and async methods only run it on the caller's connection.
+
+    def _record(self, conn: object, event_id: str) -> tuple[str, tuple[Any, ...]]:
+        mark = "?" if self._dialect(conn) == "sqlite" else "%s"
+        sql = (
             f"INSERT INTO {self.qualified} (consumer, event_id, received) "
             f"VALUES ({mark}, {mark}, {mark}) ON CONFLICT DO NOTHING"
         )
-        purge = f"DELETE FROM {self.qualified} WHERE consumer = {mark} AND received < {mark}"
-        return insert, purge
+        return sql, (self.consumer, str(event_id), self._clock.time())
 
-    def _ddl(self, dialect: str) -> str:
-        name = "sqlite_inbox.sql" if dialect == "sqlite" else "postgres_inbox.sql"
-        return read_ddl(name, table=self.qualified, name=self.table)
+    def _forget(self, conn: object, older_than: float) -> tuple[str, tuple[Any, ...]]:
+        mark = "?" if self._dialect(conn) == "sqlite" else "%s"
+        sql = f"DELETE FROM {self.qualified} WHERE consumer = {mark} AND received < {mark}"
+        cutoff = self._clock.time() - positive("older_than", older_than)
+        return sql, (self.consumer, cutoff)
 
     def create_schema(self, conn: Any) -> None:
         """Create the inbox table on ``conn`` (committed by the caller, or by sqlite3's
         executescript, which commits first)."""
-        dialect = self._dialect(conn)
-        if dialect == "sqlite":
-            conn.executescript(self._ddl(dialect))
+        ddl = self._ddl(conn)
+        if isinstance(conn, sqlite3.Connection):
+            conn.executescript(ddl)
         else:
-            conn.execute(self._ddl(dialect))
+            conn.execute(ddl)
 
     async def acreate_schema(self, conn: Any) -> None:
-        self._dialect(conn)
-        await conn.execute(self._ddl("postgres"))
+        ddl = self._ddl(conn)
+        await conn.execute(ddl)
 
     def first_time(self, conn: Any, event_id: str) -> bool:
         """Record ``event_id``; True if this consumer had not seen it before."""
-        insert, _ = self._sql(self._dialect(conn))
-        cursor = conn.execute(insert, (self.consumer, str(event_id), self._clock.time()))
-        return bool(cursor.rowcount == 1)
+        sql, params = self._record(conn, event_id)
+        return bool(conn.execute(sql, params).rowcount == 1)
 
     async def afirst_time(self, conn: Any, event_id: str) -> bool:
-        insert, _ = self._sql(self._dialect(conn))
-        cursor = await conn.execute(insert, (self.consumer, str(event_id), self._clock.time()))
+        sql, params = self._record(conn, event_id)
+        cursor = await conn.execute(sql, params)
         return bool(cursor.rowcount == 1)
 
     def purge(self, conn: Any, older_than: float) -> int:
         """Forget ids recorded more than ``older_than`` seconds ago (longer than any
         redelivery can take: the outbox lease plus the broker's own redelivery window)."""
-        _, purge = self._sql(self._dialect(conn))
-        cutoff = self._clock.time() - positive("older_than", older_than)
-        return int(conn.execute(purge, (self.consumer, cutoff)).rowcount)
+        sql, params = self._forget(conn, older_than)
+        return int(conn.execute(sql, params).rowcount)
 
     async def apurge(self, conn: Any, older_than: float) -> int:
-        _, purge = self._sql(self._dialect(conn))
-        cutoff = self._clock.time() - positive("older_than", older_than)
-        cursor = await conn.execute(purge, (self.consumer, cutoff))
+        sql, params = self._forget(conn, older_than)
+        cursor = await conn.execute(sql, params)
         return int(cursor.rowcount)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from resilience import clock as _clock
 from resilience.integrations.outbox._model import check_identifier
-from resilience.integrations.outbox._store import SqlStore, read_ddl
+from resilience.integrations.outbox._sql import read_ddl
+from resilience.integrations.outbox._store import SqlStore
 
 if TYPE_CHECKING:
     import psycopg

@@ -16,12 +16,10 @@ from resilience.integrations.outbox._model import (
     EventRejected,
     EventTooLarge,
     Failure,
+    FailureTable,
     OutboxEvent,
     positive,
     positive_int,
-)
-from resilience.integrations.outbox.brokers import (
-    FailureTable,
 )
 
 try:

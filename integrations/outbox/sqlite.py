@@ -16,7 +16,8 @@ from typing import Any
 
 from resilience import clock as _clock
 from resilience.integrations.outbox._model import check_identifier, positive
-from resilience.integrations.outbox._store import SqlStore, read_ddl
+from resilience.integrations.outbox._sql import read_ddl
+from resilience.integrations.outbox._store import SqlStore
 
 __all__ = ["SqliteOutboxStore"]
 
