@@ -21,16 +21,18 @@ threads and tasks without anyone waiting on a listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import itertools
 import logging
 import sys
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["KINDS", "Dispatcher", "Listener", "Observable", "Telemetry"]
+__all__ = ["KINDS", "Dispatcher", "Listener", "Observable", "Tally", "Telemetry"]
 
 log = logging.getLogger("resilience")
 
@@ -65,6 +67,27 @@ class Telemetry:
 @runtime_checkable
 class Observable(Protocol):
     def telemetry(self) -> Telemetry: ...
+
+
+class Tally:
+    """A monotonic count that threads may bump without a lock: ``add()`` is one C-level
+    ``next()`` on an ``itertools.count`` (atomic in CPython, unlike ``+= 1``), which is
+    what a hot path can afford. ``value()`` is for scrapes: a read advances the count
+    too, so reads are subtracted, under a lock of their own."""
+
+    __slots__ = ("_count", "_lock", "_reads", "add")
+
+    def __init__(self) -> None:
+        self._count = itertools.count()
+        self._reads = 0
+        self._lock = threading.Lock()
+        self.add = self._count.__next__
+
+    def value(self) -> int:
+        with self._lock:
+            n = next(self._count) - self._reads
+            self._reads += 1
+            return n
 
 
 class Dispatcher(Generic[E]):
@@ -108,12 +131,13 @@ class Dispatcher(Generic[E]):
         only = self._filters[id(listener)]
         return only is None or isinstance(event, only)
 
-    def drain(self) -> None:
-        """Deliver queued events from sync code. Async listeners are scheduled, not awaited."""
+    def _deliver(self) -> Generator[tuple[Listener[E], Awaitable[None]], None, None]:
+        """Deliver queued events in order, holding the turn; yield each async listener's
+        awaitable for the driver to await (:meth:`adrain`) or schedule (:meth:`drain`)."""
         queue, turn = self.queue, self._turn
         while queue:
             if not turn.acquire(blocking=False):
-                return  # the thread holding the turn delivers our events too
+                return  # the one holding the turn delivers our events too
             try:
                 while queue:
                     event = queue.popleft()
@@ -122,30 +146,25 @@ class Dispatcher(Generic[E]):
                             continue
                         result = _call(listener, event)
                         if result is not None:
-                            self._schedule(listener, result)
+                            yield listener, result
             finally:
                 turn.release()
 
+    def drain(self) -> None:
+        """Deliver queued events from sync code. Async listeners are scheduled, not awaited."""
+        with contextlib.closing(self._deliver()) as deliveries:
+            for listener, awaitable in deliveries:
+                self._schedule(listener, awaitable)
+
     async def adrain(self) -> None:
         """Deliver queued events from async code, awaiting async listeners in order."""
-        queue, turn = self.queue, self._turn
-        while queue:
-            if not turn.acquire(blocking=False):
-                return
-            try:
-                while queue:
-                    event = queue.popleft()
-                    for listener in self._listeners:
-                        if not self._takes(listener, event):
-                            continue
-                        result = _call(listener, event)
-                        if result is not None:
-                            try:
-                                await result
-                            except Exception:
-                                log.exception("resilience listener %r failed", listener)
-            finally:
-                turn.release()
+        # closing(): a cancelled await must give the turn back now, not when collected.
+        with contextlib.closing(self._deliver()) as deliveries:
+            for listener, awaitable in deliveries:
+                try:
+                    await awaitable
+                except Exception:
+                    log.exception("resilience listener %r failed", listener)
 
     def _schedule(self, listener: object, awaitable: Awaitable[None]) -> None:
         """Run an async listener's awaitable that a sync caller produced, without blocking."""

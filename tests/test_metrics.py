@@ -73,7 +73,7 @@ def test_breaker_state_is_there_from_the_start_and_follows_the_breaker(
     registry: CollectorRegistry, clock: FakeClock
 ) -> None:
     breaker = rs.CircuitBreaker("payments", failure_threshold=2, recovery_timeout=5.0, clock=clock)
-    Metrics(registry).watch(breaker)
+    Metrics(registry, histograms=True).watch(breaker)  # latency histograms are opt-in
     samples = scrape(registry)
     assert value(samples, "breaker_state", breaker="payments", state="closed") == 1
     assert value(samples, "breaker_state", breaker="payments", state="open") == 0
@@ -174,7 +174,7 @@ def test_a_redis_backend_outage_shows_in_the_metrics(
 
 def test_cache_hits_misses_and_loads_by_tier(registry: CollectorRegistry) -> None:
     cache = rs.TwoTierCache(local=rs.LocalCache(max_entries=100, ttl=30.0), ttl=60.0, name="users")
-    Metrics(registry).watch(cache)
+    Metrics(registry, histograms=True).watch(cache)
     loads = 0
 
     def load() -> str:
@@ -304,3 +304,55 @@ def test_the_grafana_dashboard_queries_metrics_that_exist(
     assert queried - exposed == set()
     store.close()
     backend.close()
+
+
+def test_watching_keeps_the_lock_free_paths_and_times_nothing(registry: CollectorRegistry) -> None:
+    breaker = rs.CircuitBreaker("fast")
+    Metrics(registry).watch(breaker)
+    policy = breaker._policy
+    assert policy.quiet_free is not None  # the decorator's lock-free path stays open
+    assert (policy.observed, policy.timed) == (False, False)  # no listener, no clock reads
+    breaker.call(lambda: None)
+    assert value(scrape(registry), "breaker_calls_total", breaker="fast", outcome="success") == 1
+    assert value(scrape(registry), "breaker_call_duration_seconds_count", breaker="fast") == 0
+
+
+def test_histograms_opted_in_time_every_call(registry: CollectorRegistry, clock: FakeClock) -> None:
+    breaker = rs.CircuitBreaker("timed", clock=clock)
+    Metrics(registry, histograms=True).watch(breaker)
+
+    def slow() -> None:
+        clock.advance(0.3)
+
+    breaker.call(slow)
+    samples = scrape(registry)
+    assert value(samples, "breaker_call_duration_seconds_count", breaker="timed") == 1
+    assert value(samples, "breaker_call_duration_seconds_bucket", breaker="timed", le="0.25") == 0
+
+
+def test_anything_with_telemetry_can_be_watched(registry: CollectorRegistry) -> None:
+    # Metrics knows the protocol, not the types: a user's own primitive reports the same way.
+    from resilience.events import Telemetry
+
+    class Mine:
+        def telemetry(self) -> Telemetry:
+            return Telemetry("limiter", "mine", lambda: {"allowed": 7, "denied": 2})
+
+    Metrics(registry).watch(Mine())
+    samples = scrape(registry)
+    assert value(samples, "limiter_decisions_total", limiter="mine", decision="allowed") == 7
+    assert value(samples, "limiter_decisions_total", limiter="mine", decision="denied") == 2
+
+
+def test_counters_never_go_back_when_a_breaker_is_reset(registry: CollectorRegistry) -> None:
+    breaker = rs.CircuitBreaker("r", failure_threshold=1)
+    Metrics(registry).watch(breaker)
+    with pytest.raises(ZeroDivisionError):
+        breaker.call(lambda: 1 / 0)
+    for _ in range(2):
+        with pytest.raises(rs.CircuitOpenError):
+            breaker.call(lambda: None)
+    breaker.reset()
+    samples = scrape(registry)
+    assert value(samples, "breaker_rejected_total", breaker="r") == 2
+    assert value(samples, "breaker_calls_total", breaker="r", outcome="failure") == 1

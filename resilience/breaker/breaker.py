@@ -56,7 +56,7 @@ from resilience.breaker.policy import (
     Outcome,
     SlowCallRate,
 )
-from resilience.events import Dispatcher, Listener, Telemetry
+from resilience.events import Dispatcher, Listener, Tally, Telemetry
 
 __all__ = ["BreakerEvent", "CircuitBreaker", "Permit"]
 
@@ -142,8 +142,7 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
         self._quick_rejections = itertools.count()
         self._quick_reads = 0
         self._quick_carry = 0
-        self._ok: itertools.count[int] | None = None  # successes on the lock-free path
-        self._ok_reads = 0
+        self._ok: Tally | None = None  # successes on the lock-free path, while watched
         self._policy = BreakerPolicy(self.config)
         self._events: Dispatcher[BreakerEvent] = Dispatcher(listeners)
         # Non-empty while a call of this breaker is in progress in this context: the
@@ -222,8 +221,8 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
         one counter the lock-free path lacks: successes, a C-level increment per call."""
         with self._lock:
             if self._ok is None:
-                self._ok = itertools.count()
-                self._policy.count_ok = self._ok.__next__
+                self._ok = Tally()
+                self._policy.count_ok = self._ok.add
         return Telemetry(
             "breaker",
             self.name,
@@ -236,8 +235,7 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
         def read(policy: BreakerPolicy, now: float) -> dict[str, Any]:
             calls = {o.value: n for o, n in policy.outcomes_total.items()}
             if self._ok is not None:
-                calls[Outcome.SUCCESS.value] += next(self._ok) - self._ok_reads
-                self._ok_reads += 1
+                calls[Outcome.SUCCESS.value] += self._ok.value()
             return {
                 "state": policy.current_state(now),
                 "calls": calls,
