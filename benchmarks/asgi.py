@@ -105,7 +105,7 @@ OURS_BREAKER: Final = "ours circuit breaker"
 OURS_ALL: Final = "ours, all three"
 #: The cases of the load run (each is one uvicorn child process).
 LOAD_CASES: Final = (BARE, OURS, OURS_CACHE, OURS_BREAKER, OURS_ALL, SLOWAPI_ASGI)
-TARGET: Final = 0.10  # our added cost / slowapi ASGI's added cost
+TARGET: Final = 0.05  # our added cost / slowapi ASGI's added cost
 SERVER_LIFETIME: Final = 120.0  # seconds; a server exits by itself after this
 START_TIMEOUT: Final = 30.0  # seconds for a server to answer its first request
 CASE_TIMEOUT: Final = 60.0  # seconds for one case's requests in one round

@@ -32,7 +32,7 @@ def test_breaker_benchmark_quick_run_reports_every_target(tmp_path: pathlib.Path
     out = tmp_path / "bench.json"
     proc = _run_quick("breaker", out)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("(target <=") == 4
+    assert proc.stdout.count("(target <=") == 6  # four, and both closed paths watched
     assert json.loads(out.read_text())
 
 
