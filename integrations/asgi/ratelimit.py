@@ -72,7 +72,8 @@ def reset_seconds(reset_after: float) -> int:
     Float sums like 999.9 + 0.1 land a hair above a whole second: that is not rounded up
     (a 1000 s bucket says t=1000, not 1001).
     """
-    return max(0, math.ceil(reset_after - 1e-9))
+    # A conditional, not max(): this runs on every request.
+    return math.ceil(reset_after - 1e-9) if reset_after > 1e-9 else 0
 
 
 def _policy(name: str, limiter: Limiter, capacity: int) -> bytes:
@@ -234,7 +235,8 @@ class RateLimitMiddleware:
         async def send_with_fields(message: Message) -> None:
             if message["type"] == "http.response.start":
                 # A copy: an app may send the same start message on every request.
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+                message = dict(message)
+                message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
         await self.app(scope, receive, send_with_fields)
