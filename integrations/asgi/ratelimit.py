@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 
 from resilience.integrations.asgi._asgi import ASGIApp, Message, Receive, Scope, Send, patterns
@@ -232,12 +232,14 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        async def send_with_fields(message: Message) -> None:
+        # A plain function returning send's awaitable, not a coroutine of its own: the
+        # app awaits it all the same, and each message saves a coroutine and a frame.
+        def send_with_fields(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
                 # A copy: an app may send the same start message on every request.
                 message = dict(message)
                 message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
+            return send(message)
 
         await self.app(scope, receive, send_with_fields)
 
