@@ -119,8 +119,6 @@ class Metrics:
 
         telemetry.listen(observe, only=telemetry.timed)
 
-    def watched(self) -> list[Telemetry]:
-        return [w.telemetry for w in self._watched.values()]
 
 
 class _Families:

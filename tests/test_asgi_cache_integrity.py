@@ -84,7 +84,12 @@ def test_a_stream_cut_short_by_the_client_is_never_stored(
     assert calls["stream"] >= 2  # the cut response was not served from the cache
 
 
-async def _call(mw: ResponseCacheMiddleware, path: str = "/", raw: bytes | None = None) -> bytes:
+async def _call(
+    mw: ResponseCacheMiddleware,
+    path: str = "/",
+    raw: bytes | None = None,
+    incoming: str = "http.request",
+) -> bytes:
     scope: dict[str, Any] = {
         "type": "http",
         "method": "GET",
@@ -98,6 +103,8 @@ async def _call(mw: ResponseCacheMiddleware, path: str = "/", raw: bytes | None 
     body = b""
 
     async def receive() -> Message:
+        if incoming != "http.request":
+            return {"type": incoming}
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: Message) -> None:
@@ -114,62 +121,40 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.mark.anyio
-async def test_an_app_that_returns_mid_body_is_not_stored() -> None:
-    calls = 0
-
-    async def half(scope: Any, receive: Any, send: Any) -> None:
-        nonlocal calls
-        calls += 1
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"first half", "more_body": True})
-
-    mw = ResponseCacheMiddleware(half, rs.TwoTierCache())
-    await _call(mw)
-    await _call(mw)
-    assert calls == 2
+START: Message = {"type": "http.response.start", "status": 200, "headers": []}
+PART: Message = {"type": "http.response.body", "body": b"part", "more_body": True}
+END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+LONG: Message = {**START, "headers": [(b"content-length", b"100")]}
+SHORT: Message = {"type": "http.response.body", "body": b"only ten b"}
 
 
 @pytest.mark.anyio
-async def test_a_body_shorter_than_its_content_length_is_not_stored() -> None:
+@pytest.mark.parametrize(
+    ("messages", "client_leaves"),
+    [
+        pytest.param([START, PART], False, id="returns-mid-body"),
+        pytest.param([LONG, SHORT], False, id="shorter-than-content-length"),
+        pytest.param([START, PART, "receive", END], True, id="disconnect-before-the-end"),
+    ],
+)
+async def test_only_a_whole_body_is_stored(
+    messages: list[Message | str], client_leaves: bool
+) -> None:
     calls = 0
 
-    async def short(scope: Any, receive: Any, send: Any) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
         nonlocal calls
         calls += 1
-        headers = [(b"content-length", b"100")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": b"only ten b"})
+        for message in messages:
+            if message == "receive":
+                assert (await receive())["type"] == "http.disconnect"
+            else:
+                await send(message)
 
-    mw = ResponseCacheMiddleware(short, rs.TwoTierCache())
-    await _call(mw)
-    await _call(mw)
-    assert calls == 2
-
-
-@pytest.mark.anyio
-async def test_a_disconnect_seen_by_the_app_means_no_store() -> None:
-    calls = 0
-
-    async def listens(scope: Any, receive: Any, send: Any) -> None:
-        nonlocal calls
-        calls += 1
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"part", "more_body": True})
-        assert (await receive())["type"] == "http.disconnect"
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    mw = ResponseCacheMiddleware(listens, rs.TwoTierCache())
-    for _ in range(2):
-        scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
-
-        async def receive() -> Message:
-            return {"type": "http.disconnect"}
-
-        async def send(message: Message) -> None:
-            pass
-
-        await mw(scope, receive, send)
+    mw = ResponseCacheMiddleware(app, rs.TwoTierCache())
+    incoming = "http.disconnect" if client_leaves else "http.request"
+    await _call(mw, incoming=incoming)
+    await _call(mw, incoming=incoming)
     assert calls == 2
 
 

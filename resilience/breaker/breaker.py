@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import inspect
 import itertools
-import math
 import threading
 import types
 import weakref
@@ -67,7 +66,6 @@ ExcTypes = type[BaseException] | tuple[type[BaseException], ...]
 
 _DEFAULT_THRESHOLD: Final = 5
 _UNSET: Any = object()
-_INF: Final = math.inf
 
 # Every breaker, so resilience.testing can switch them all off; weak, so it never keeps one.
 _ALL: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
