@@ -120,7 +120,6 @@ class Metrics:
         telemetry.listen(observe, only=telemetry.timed)
 
 
-
 class _Families:
     """The families of one scrape, each made on first use."""
 
