@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-__all__ = ["CircuitOpenError", "RateLimited", "ResilienceError"]
+__all__ = [
+    "BulkheadFull",
+    "CircuitOpenError",
+    "RateLimited",
+    "ResilienceError",
+    "TimeoutExceeded",
+]
 
 
 class ResilienceError(Exception):
@@ -49,3 +55,34 @@ class RateLimited(ResilienceError):
     def __str__(self) -> str:
         where = f" for {self.key!r}" if self.key is not None else ""
         return f"rate limited{where}; retry after {self.retry_after:.3f}s"
+
+
+class TimeoutExceeded(ResilienceError, TimeoutError):
+    """A call ran past its :class:`~resilience.Timeout` (or an enclosing deadline).
+
+    A ``TimeoutError``, so code that catches the built-in one catches this too, and a
+    breaker counts it as a failure. ``seconds`` is the limit that was exceeded.
+    """
+
+    def __init__(self, seconds: float, name: str = "timeout") -> None:
+        super().__init__(seconds, name)
+        self.seconds = seconds
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"{self.name!r}: the call did not finish within {self.seconds:.3f}s"
+
+
+class BulkheadFull(ResilienceError):
+    """A :class:`~resilience.Bulkhead` had no free slot (and no room or time to wait)."""
+
+    def __init__(self, name: str, max_concurrent: int, waited: float = 0.0) -> None:
+        super().__init__(name, max_concurrent, waited)
+        self.name = name
+        self.max_concurrent = max_concurrent
+        #: Seconds this caller waited for a slot before giving up (0.0: rejected at once).
+        self.waited = waited
+
+    def __str__(self) -> str:
+        how = f" after waiting {self.waited:.3f}s" if self.waited else ""
+        return f"bulkhead {self.name!r} is full ({self.max_concurrent} running){how}"

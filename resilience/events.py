@@ -46,8 +46,15 @@ Listener = Callable[[E], "Awaitable[None] | None"]
 #: {(from value, to value): n}; ``limiter``: allowed, denied; ``backend``: available,
 #: on_error (a value), outages, errors, fallbacks; ``cache``: hits and misses {tier: n},
 #: loads, load_errors, stale, invalidated, errors {tier: n}; ``outbox``: published,
-#: failures {class: n}, died, breaker_open_polls, and the last stats (OutboxStats or None).
-KINDS = ("breaker", "limiter", "backend", "cache", "outbox")
+#: failures {class: n}, died, breaker_open_polls, and the last stats (OutboxStats or None);
+#: ``retry``: calls, retries, gave_up {reason: n}; ``budget``: deposits, withdrawals,
+#: exhausted, balance; ``timeout``: calls, timeouts, overruns; ``bulkhead``: admitted,
+#: rejected, active, waiting, max_concurrent; ``fallback``: calls, fallbacks;
+#: ``pipeline``: nothing of its own (its members are its links).
+KINDS = (
+    "breaker", "limiter", "backend", "cache", "outbox",
+    "retry", "budget", "timeout", "bulkhead", "fallback", "pipeline",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 from resilience._clock import SYSTEM_CLOCK
 from resilience.breaker.events import CircuitState, Outcome
 from resilience.events import KINDS, Telemetry
+from resilience.policies.retry import REASONS
 
 __all__ = ["Metrics"]
 
@@ -86,8 +87,9 @@ class Metrics:
     # -- what to watch -------------------------------------------------------------------
 
     def watch(self, *targets: Any) -> None:
-        """Watch breakers, limiters, caches, outbox publishers and Redis backends (anything
-        with ``telemetry()``), and what each reports through."""
+        """Watch breakers, limiters, caches, outbox publishers, Redis backends and policies
+        (retry, budget, timeout, bulkhead, fallback, a pipeline and its members): anything
+        with ``telemetry()``, and what each reports through."""
         for target in targets:
             if id(target) in self._watched:
                 continue
@@ -95,8 +97,8 @@ class Metrics:
             telemetry = describe() if callable(describe) else None
             if not isinstance(telemetry, Telemetry) or telemetry.kind not in KINDS:
                 raise TypeError(
-                    "watch() takes breakers, limiters, caches, outbox publishers and "
-                    f"Redis backends, got {type(target).__name__}"
+                    "watch() takes breakers, limiters, caches, outbox publishers, Redis "
+                    f"backends and policies, got {type(target).__name__}"
                 )
             self._watched[id(target)] = _Watched(telemetry, SYSTEM_CLOCK.time())
             self._histogram(telemetry)
@@ -237,12 +239,82 @@ def _outbox(f: _Families, name: str, r: Mapping[str, Any], created: float) -> No
     ).add_metric([name], r["breaker_open_polls"], created=created)
 
 
+def _retry(f: _Families, name: str, r: Mapping[str, Any], created: float) -> None:
+    f.counter("retry_calls", "Calls made through a retry policy (first attempts)",
+              ["policy"]).add_metric([name], r["calls"], created=created)  # fmt: skip
+    f.counter("retry_retries", "Attempts after the first", ["policy"]).add_metric(
+        [name], r["retries"], created=created
+    )
+    gave_up = f.counter("retry_gave_up", "Calls the policy stopped retrying, by reason",
+                        ["policy", "reason"])  # fmt: skip
+    for reason in REASONS:
+        gave_up.add_metric([name, reason], r["gave_up"].get(reason, 0), created=created)
+
+
+def _budget(f: _Families, name: str, r: Mapping[str, Any], created: float) -> None:
+    f.counter("retry_budget_exhausted", "Retries refused by a spent retry budget",
+              ["budget"]).add_metric([name], r["exhausted"], created=created)  # fmt: skip
+    f.counter("retry_budget_withdrawals", "Retries the budget allowed", ["budget"]).add_metric(
+        [name], r["withdrawals"], created=created
+    )
+    f.gauge("retry_budget_balance", "Retries the budget would allow now", ["budget"]).add_metric(
+        [name], float(r["balance"])
+    )
+
+
+def _timeout(f: _Families, name: str, r: Mapping[str, Any], created: float) -> None:
+    f.counter("timeout_calls", "Calls run under a timeout", ["policy"]).add_metric(
+        [name], r["calls"], created=created
+    )
+    f.counter("timeout_expired", "Async calls cancelled at their deadline, and calls refused "
+              "because an enclosing deadline had passed", ["policy"]).add_metric(
+        [name], r["timeouts"], created=created)  # fmt: skip
+    f.counter("timeout_overruns", "Sync calls that returned after their deadline",
+              ["policy"]).add_metric([name], r["overruns"], created=created)  # fmt: skip
+
+
+def _bulkhead(f: _Families, name: str, r: Mapping[str, Any], created: float) -> None:
+    f.counter("bulkhead_admitted", "Calls given a slot", ["bulkhead"]).add_metric(
+        [name], r["admitted"], created=created
+    )
+    f.counter("bulkhead_rejected", "Calls refused (no slot, no room or time to wait)",
+              ["bulkhead"]).add_metric([name], r["rejected"], created=created)  # fmt: skip
+    f.gauge("bulkhead_active", "Calls holding a slot", ["bulkhead"]).add_metric(
+        [name], float(r["active"])
+    )
+    f.gauge("bulkhead_queue", "Callers waiting for a slot", ["bulkhead"]).add_metric(
+        [name], float(r["waiting"])
+    )
+    f.gauge("bulkhead_max_concurrent", "Slots", ["bulkhead"]).add_metric(
+        [name], float(r["max_concurrent"])
+    )
+
+
+def _fallback(f: _Families, name: str, r: Mapping[str, Any], created: float) -> None:
+    f.counter("fallback_calls", "Calls run under a fallback", ["policy"]).add_metric(
+        [name], r["calls"], created=created
+    )
+    f.counter("fallback_used", "Calls answered by the fallback", ["policy"]).add_metric(
+        [name], r["fallbacks"], created=created
+    )
+
+
+def _nothing(f: _Families, name: str, r: Mapping[str, Any], created: float) -> None:
+    """A pipeline: its members report for it."""
+
+
 _BY_KIND: Final[dict[str, Callable[[_Families, str, Mapping[str, Any], float], None]]] = {
     "breaker": _breaker,
     "limiter": _limiter,
     "backend": _backend,
     "cache": _cache,
     "outbox": _outbox,
+    "retry": _retry,
+    "budget": _budget,
+    "timeout": _timeout,
+    "bulkhead": _bulkhead,
+    "fallback": _fallback,
+    "pipeline": _nothing,
 }
 
 

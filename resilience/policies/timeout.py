@@ -1,0 +1,202 @@
+"""Timeout: async calls are cancelled at the deadline; sync calls are bounded.
+
+**Async** (asyncio, trio, anyio): the call is cancelled when its time is up and
+:class:`~resilience.TimeoutExceeded` is raised in its place. On asyncio (Python >= 3.11)
+one timer per event loop and policy serves every call in flight: calls with the same
+limit end in the order they start, so a FIFO queue holds them and the timer fires only
+for the oldest (asyncio.timeout arms and cancels a timer per call, which costs more
+than the call it guards). Cancellation comes from the event loop's clock.
+
+**Sync**: Python cannot interrupt a running thread safely, so a sync call is not
+stopped. It runs with :func:`resilience.remaining` telling it the time left (pass that
+to your client's own timeout); one that returns after its deadline raises
+TimeoutExceeded (its result is dropped, and a breaker outside counts the failure); and
+no call starts once an enclosing deadline has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, ParamSpec, TypeVar
+
+import anyio
+
+from resilience._checks import positive_seconds
+from resilience._clock import SYSTEM_CLOCK, Clock, resolve
+from resilience.errors import TimeoutExceeded
+from resilience.events import Tally, Telemetry
+from resilience.policies import deadline as _deadline
+from resilience.policies._base import Policy, check_name
+
+__all__ = ["Timeout"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_RUNNING: Final = 0
+_DONE: Final = 1
+_EXPIRED: Final = 2
+# Task.uncancel() arrived in 3.11; before that the anyio path serves asyncio too.
+_NATIVE: Final = sys.version_info >= (3, 11)
+_running_loop = asyncio.events._get_running_loop  # None outside a loop, without raising
+_current_task = asyncio.current_task
+
+
+class _Watch:
+    """The calls of one Timeout in flight on one event loop, oldest first, and the one
+    timer that ends them. Touched only from that loop's thread."""
+
+    __slots__ = ("__weakref__", "armed", "loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: deque[list[Any]] = deque()  # [deadline in loop time, task, state]
+        self.armed = False
+
+    def add(self, entry: list[Any]) -> None:
+        self.queue.append(entry)
+        if not self.armed:
+            self.armed = True
+            self.loop.call_at(entry[0], self.fire)
+
+    def fire(self) -> None:
+        queue, now = self.queue, self.loop.time()
+        while queue:
+            entry = queue[0]
+            if entry[2] != _RUNNING:
+                queue.popleft()
+            elif entry[0] <= now:
+                queue.popleft()
+                entry[2] = _EXPIRED
+                entry[1].cancel()
+            else:
+                self.loop.call_at(entry[0], self.fire)
+                return
+        self.armed = False
+
+
+class Timeout(Policy):
+    """Give each call at most ``seconds`` (see the module docstring for sync calls)."""
+
+    def __init__(self, seconds: float, *, name: str = "timeout", clock: Clock | None = None):
+        self.seconds = positive_seconds("seconds", seconds, maximum=365 * 86_400.0)
+        self.name = check_name(name)
+        clock = resolve(clock)
+        self._monotonic: Callable[[], float] = (
+            time.monotonic if clock is SYSTEM_CLOCK else clock.monotonic
+        )
+        self._watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watch] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._last: tuple[object, _Watch | None] = (None, None)  # one read: thread-safe
+        self._calls = Tally()
+        self._timeouts = Tally()
+        self._overruns = Tally()
+
+    def _left(self, now: float) -> float:
+        left = _deadline.tighter(self.seconds, now, self._monotonic)
+        assert left is not None
+        if left <= 0.0:  # an enclosing deadline has passed: start nothing
+            self._timeouts.add()
+            raise TimeoutExceeded(self.seconds, self.name)
+        return left
+
+    # -- sync --------------------------------------------------------------------------------
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run a sync call under the deadline: see the module docstring."""
+        self._calls.add()
+        monotonic = self._monotonic
+        now = monotonic()
+        ends = now + self._left(now)
+        token = _deadline.DEADLINE.set((ends, monotonic))
+        try:
+            result = fn(*args, **kwargs)
+        finally:
+            _deadline.DEADLINE.reset(token)
+        if monotonic() > ends:
+            self._overruns.add()
+            raise TimeoutExceeded(self.seconds, self.name)
+        return result
+
+    # -- async -------------------------------------------------------------------------------
+
+    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run an async call, cancelling it at the deadline."""
+        self._calls.add()
+        monotonic = self._monotonic
+        now = monotonic()
+        left = self._left(now)
+        loop = _running_loop()
+        if loop is None or not _NATIVE or left < self.seconds:
+            # trio, Python 3.10, or a deadline shortened by an enclosing one (out of the
+            # FIFO order): an anyio cancel scope.
+            return await self._scoped(left, now + left, fn, args, kwargs)
+        task: Any = _current_task(loop)  # cancelling()/uncancel(): Python >= 3.11
+        last_loop, watch = self._last
+        if last_loop is not loop or watch is None:
+            watch = self._watch(loop)
+        entry = [loop.time() + left, task, _RUNNING]
+        cancelling = task.cancelling()
+        token = _deadline.DEADLINE.set((now + left, monotonic))
+        watch.add(entry)
+        try:
+            result = await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            if entry[2] == _EXPIRED and task.uncancel() <= cancelling:
+                self._timeouts.add()
+                raise TimeoutExceeded(self.seconds, self.name) from None
+            raise
+        finally:
+            if entry[2] == _RUNNING:
+                entry[2] = _DONE
+            _deadline.DEADLINE.reset(token)
+        if entry[2] == _EXPIRED:  # the call swallowed its cancellation: still too late
+            task.uncancel()
+            self._timeouts.add()
+            raise TimeoutExceeded(self.seconds, self.name)
+        return result
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> _Watch:
+        watch = self._watches.get(loop)
+        if watch is None:
+            watch = self._watches[loop] = _Watch(loop)
+        self._last = (loop, watch)
+        return watch
+
+    async def _scoped(
+        self,
+        left: float,
+        ends: float,
+        fn: Callable[..., Awaitable[R]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> R:
+        token = _deadline.DEADLINE.set((ends, self._monotonic))
+        try:
+            with anyio.move_on_after(left):
+                return await fn(*args, **kwargs)
+        finally:
+            _deadline.DEADLINE.reset(token)
+        self._timeouts.add()  # reached only when the scope cancelled the call
+        raise TimeoutExceeded(self.seconds, self.name)
+
+    # -- observing ---------------------------------------------------------------------------
+
+    def telemetry(self) -> Telemetry:
+        return Telemetry("timeout", self.name, self._read)
+
+    def _read(self) -> dict[str, int]:
+        return {
+            "calls": self._calls.value(),
+            "timeouts": self._timeouts.value(),
+            "overruns": self._overruns.value(),
+        }
+
+    def __repr__(self) -> str:
+        return f"Timeout({self.seconds}, name={self.name!r})"
