@@ -26,9 +26,13 @@ from resilience.cache._core import (
     WRITE,
     CacheCore,
     Call,
+    Condition,
     Fetched,
+    LoadTtl,
     Plan,
+    check_condition,
     check_key,
+    check_load_ttl,
     check_ttl,
 )
 from resilience.cache.policy import MISSING
@@ -90,7 +94,13 @@ class AsyncCacheOps(CacheCore):
     # -- get_or_load -------------------------------------------------------------------------
 
     async def _aload(
-        self, lkey: Hashable, rkey: str, load: Call, ttl: float | None, looked: bool = False
+        self,
+        lkey: Hashable,
+        rkey: str,
+        load: Call,
+        ttl: LoadTtl,
+        condition: Condition,
+        looked: bool = False,
     ) -> Any:
         if looked and not self._keeps_stale:
             stale = None  # the caller just found no fresh entry, and none is kept stale
@@ -127,7 +137,8 @@ class AsyncCacheOps(CacheCore):
                     continue
                 return flight.outcome()
             try:
-                value = await self._arun(self._plan(lkey, rkey, ttl, stale, fetched), load)
+                plan = self._plan(lkey, rkey, ttl, condition, stale, fetched)
+                value = await self._arun(plan, load)
             except BaseException as error:
                 self._land_error(lkey, flight, error)
                 raise
@@ -135,14 +146,28 @@ class AsyncCacheOps(CacheCore):
             return value
 
     async def aget_or_load(
-        self, key: str, loader: Callable[[], Awaitable[R]], *, ttl: float | None = None
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[R]],
+        *,
+        ttl: float | Callable[[R], float | None] | None = None,
+        condition: Callable[[R], object] | None = None,
     ) -> R:
-        """The value for ``key``; on a miss, ``loader()`` runs once for all concurrent callers."""
+        """The value for ``key``; on a miss, ``loader()`` runs once for all concurrent callers.
+
+        ``ttl`` is seconds, or a function of the loaded value returning seconds (None: the
+        cache's ttl). With ``condition``, a loaded value is stored only when
+        ``condition(value)`` is true; otherwise it is returned (to every caller waiting
+        for this load) and not cached.
+        """
         self._need_async("aget_or_load")
         key = check_key(key)
         if not callable(loader):
             raise TypeError(f"loader must be callable, got {type(loader).__name__}")
-        return cast(R, await self._aload(key, key, (loader, (), {}), check_ttl(ttl)))
+        life = check_load_ttl(ttl)
+        if condition is not None:
+            check_condition(condition)
+        return cast(R, await self._aload(key, key, (loader, (), {}), life, condition))
 
     # -- get, set, delete --------------------------------------------------------------------
 
@@ -181,7 +206,8 @@ class AsyncCacheOps(CacheCore):
         fn: Callable[..., Awaitable[Any]],
         local_key: Callable[[tuple[Any, ...], dict[str, Any]], Hashable],
         remote_key: Callable[[Any], str],
-        life: float | None,
+        life: LoadTtl,
+        condition: Condition,
     ) -> Callable[..., Awaitable[Any]]:
         fresh = self.local.reader(self._now)
 
@@ -198,6 +224,7 @@ class AsyncCacheOps(CacheCore):
                     return value
             # (fn, args, kwargs), not a lambda: a closure over args would cost every call,
             # hits too, two cells; and a tuple is cheaper to build than a partial.
-            return await self._aload(lkey, remote_key(lkey), (fn, args, kwargs), life, looked)
+            rkey = remote_key(lkey)
+            return await self._aload(lkey, rkey, (fn, args, kwargs), life, condition, looked)
 
         return cached_async

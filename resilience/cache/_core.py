@@ -9,16 +9,17 @@ its generated sync twin perform those steps, one with await and one without.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import random
 import uuid
 from collections.abc import Callable, Generator, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeAlias, cast
 
 import anyio
 
-from resilience._checks import positive_seconds
+from resilience._checks import a, positive_seconds
 from resilience._clock import SYSTEM_CLOCK, Clock, resolve
 from resilience.cache.local import LocalCache
 from resilience.cache.policy import MISSING, CachePolicy, Entry, Freshness
@@ -27,7 +28,9 @@ from resilience.events import Dispatcher, Listener, Tally, Telemetry
 from resilience.flight import LEADER_GONE, Flight, SingleFlight
 from resilience.remote import UNAVAILABLE
 
-__all__ = ["CacheCore", "CacheEvent", "Call", "Fetched", "Plan"]
+__all__ = ["CacheCore", "CacheEvent", "Call", "Condition", "Fetched", "LoadTtl", "Plan"]
+
+log = logging.getLogger("resilience")
 
 #: Tests patch this to steer jitter and early refresh.
 _random = random.random
@@ -36,7 +39,9 @@ _random = random.random
 @dataclass(frozen=True, slots=True)
 class CacheEvent:
     """What a cache did: ``kind`` is hit, miss, load, load_error, stale, corrupt,
-    invalidated or flushed; ``tier`` is "local", "remote" or "" (the cache as a whole)."""
+    invalidated, flushed, ttl_error or condition_error (a load's ``ttl`` or ``condition``
+    function failed, so its value was returned but not stored); ``tier`` is "local",
+    "remote" or "" (the cache as a whole)."""
 
     cache: str
     kind: str
@@ -64,6 +69,12 @@ Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 #: that was not fresh enough to serve, or None).
 Fetched = tuple[int, int, "Entry | None"]
 
+#: A load's lifetime: seconds, None (the cache's ttl) or a function of the loaded value
+#: returning either of those.
+LoadTtl: TypeAlias = "float | Callable[[Any], Any] | None"
+#: Whether a loaded value may be stored: a function of it, or None (always).
+Condition: TypeAlias = "Callable[[Any], Any] | None"
+
 
 def check_key(key: object) -> str:
     if not isinstance(key, str):
@@ -75,6 +86,44 @@ def check_key(key: object) -> str:
 
 def check_ttl(ttl: object, field: str = "ttl") -> float | None:
     return None if ttl is None else positive_seconds(field, ttl)
+
+
+def check_load_ttl(ttl: object) -> LoadTtl:
+    """A load's ``ttl``: None, a positive number of seconds, or a function of the value."""
+    if ttl is None or callable(ttl):
+        return cast(LoadTtl, ttl)
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise TypeError(
+            "ttl must be a number of seconds, None or a function of the loaded value, "
+            f"got {a(type(ttl).__name__)}"
+        )
+    return positive_seconds("ttl", ttl)
+
+
+def check_condition(condition: object) -> Condition:
+    if condition is not None and not callable(condition):
+        raise TypeError(
+            "condition must be a function of the loaded value (or None), "
+            f"got {a(type(condition).__name__)}"
+        )
+    return cast(Condition, condition)
+
+
+def _seconds_returned(seconds: object) -> float | None:
+    """What a ttl function returned, checked: seconds or None; else an error naming ttl."""
+    if seconds is None:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(
+            f"the ttl function returned {a(type(seconds).__name__)}; it must return a "
+            "positive number of seconds or None (the cache's ttl)"
+        )
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(
+            f"the ttl function returned {seconds!r}; it must return a positive number of "
+            "seconds or None (the cache's ttl)"
+        )
+    return float(seconds)
 
 
 # What a watched cache counts, by (kind, tier) as _emit reports them.
@@ -146,6 +195,8 @@ class CacheCore:
         self._landings = itertools.count(1)
         self._landed = 0
         self._stale: dict[Hashable, Any] = {}  # values to serve while their refresh runs
+        # "ttl" / "condition" once one of those functions failed (logged at WARNING once).
+        self._warned: set[str] = set()
         self._events: Dispatcher[CacheEvent] = Dispatcher(listeners)
         # (kind, tier) -> count, once a metrics consumer asks for telemetry (see _emit).
         self._tallies: dict[tuple[str, str], Tally] | None = None
@@ -312,7 +363,8 @@ class CacheCore:
         self,
         lkey: Hashable,
         rkey: str,
-        ttl: float | None,
+        ttl: LoadTtl,
+        condition: Condition,
         stale: Entry | None,
         fetched: Fetched | None,
     ) -> Plan:
@@ -351,7 +403,7 @@ class CacheCore:
         if stale is not None:
             self._stale[lkey] = stale.value
         try:
-            value = yield from self._load_and_store(lkey, rkey, ttl, stale, ticket)
+            value = yield from self._load_and_store(lkey, rkey, ttl, condition, stale, ticket)
         except Exception:
             if locked_token is not None:
                 yield (UNLOCK, rkey, locked_token)
@@ -364,7 +416,13 @@ class CacheCore:
         return value
 
     def _load_and_store(
-        self, lkey: Hashable, rkey: str, ttl: float | None, stale: Entry | None, ticket: int
+        self,
+        lkey: Hashable,
+        rkey: str,
+        ttl: LoadTtl,
+        condition: Condition,
+        stale: Entry | None,
+        ticket: int,
     ) -> Plan:
         policy, remote = self.policy, self.remote
         start = self._mono()
@@ -380,7 +438,7 @@ class CacheCore:
         now = self._mono()
         delta = now - start
         self._emit("load", "", rkey, duration=delta)
-        life = policy.ttl_for(value, ttl, _random())
+        life = self._lifetime(value, ttl, condition, rkey)
         if life is None:
             return value
         if remote is None:
@@ -395,6 +453,54 @@ class CacheCore:
             return value
         yield (WRITE, rkey, blob, math.ceil((life + policy.keep_for) * 1000))
         return value
+
+    def _lifetime(self, value: Any, ttl: LoadTtl, condition: Condition, rkey: str) -> float | None:
+        """How long to store a loaded value (jitter applied), or None: store it nowhere.
+
+        A ``condition`` or ``ttl`` function that raises, or a ``ttl`` function that returns
+        anything but a positive number of seconds or None, costs the caller nothing: the
+        value is still returned, just not stored; the failure is an event and is logged.
+        """
+        policy = self.policy
+        if value is None and policy.negative_ttl is None:
+            return None  # without negative_ttl, None is never cached
+        if condition is not None:
+            try:
+                keep = bool(condition(value))
+            except Exception as error:
+                self._not_stored("condition", rkey, error)
+                return None
+            if not keep:
+                return None
+        seconds: float | None
+        if ttl is None or isinstance(ttl, float):
+            seconds = ttl
+        elif value is None:
+            seconds = None  # a None's lifetime is negative_ttl: the function is not asked
+        else:
+            try:
+                seconds = _seconds_returned(ttl(value))
+            except Exception as error:
+                self._not_stored("ttl", rkey, error)
+                return None
+        return policy.ttl_for(value, seconds, _random())
+
+    def _not_stored(self, parameter: str, rkey: str, error: Exception) -> None:
+        self._emit(f"{parameter}_error", "", rkey, error=error)
+        first = parameter not in self._warned
+        self._warned.add(parameter)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "resilience cache %r: the %s function failed for key %r (%s: %s); the loaded "
+            "value was returned but not stored%s",
+            self.name,
+            parameter,
+            rkey,
+            type(error).__name__,
+            error,
+            " (later failures are logged at DEBUG)" if first else "",
+            exc_info=error,
+        )
 
     # Where waiting for another process's notice differs (the WAIT step of a plan).
     @staticmethod

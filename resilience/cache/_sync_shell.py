@@ -21,9 +21,13 @@ from resilience.cache._core import (
     WRITE,
     CacheCore,
     Call,
+    Condition,
     Fetched,
+    LoadTtl,
     Plan,
+    check_condition,
     check_key,
+    check_load_ttl,
     check_ttl,
 )
 from resilience.cache.policy import MISSING
@@ -85,7 +89,13 @@ class SyncCacheOps(CacheCore):
     # -- get_or_load -------------------------------------------------------------------------
 
     def _load(
-        self, lkey: Hashable, rkey: str, load: Call, ttl: float | None, looked: bool = False
+        self,
+        lkey: Hashable,
+        rkey: str,
+        load: Call,
+        ttl: LoadTtl,
+        condition: Condition,
+        looked: bool = False,
     ) -> Any:
         if looked and not self._keeps_stale:
             stale = None  # the caller just found no fresh entry, and none is kept stale
@@ -122,20 +132,37 @@ class SyncCacheOps(CacheCore):
                     continue
                 return flight.outcome()
             try:
-                value = self._run(self._plan(lkey, rkey, ttl, stale, fetched), load)
+                plan = self._plan(lkey, rkey, ttl, condition, stale, fetched)
+                value = self._run(plan, load)
             except BaseException as error:
                 self._land_error(lkey, flight, error)
                 raise
             self._land(lkey, flight, value)
             return value
 
-    def get_or_load(self, key: str, loader: Callable[[], R], *, ttl: float | None = None) -> R:
-        """The value for ``key``; on a miss, ``loader()`` runs once for all concurrent callers."""
+    def get_or_load(
+        self,
+        key: str,
+        loader: Callable[[], R],
+        *,
+        ttl: float | Callable[[R], float | None] | None = None,
+        condition: Callable[[R], object] | None = None,
+    ) -> R:
+        """The value for ``key``; on a miss, ``loader()`` runs once for all concurrent callers.
+
+        ``ttl`` is seconds, or a function of the loaded value returning seconds (None: the
+        cache's ttl). With ``condition``, a loaded value is stored only when
+        ``condition(value)`` is true; otherwise it is returned (to every caller waiting
+        for this load) and not cached.
+        """
         self._need_sync("get_or_load")
         key = check_key(key)
         if not callable(loader):
             raise TypeError(f"loader must be callable, got {type(loader).__name__}")
-        return cast(R, self._load(key, key, (loader, (), {}), check_ttl(ttl)))
+        life = check_load_ttl(ttl)
+        if condition is not None:
+            check_condition(condition)
+        return cast(R, self._load(key, key, (loader, (), {}), life, condition))
 
     # -- get, set, delete --------------------------------------------------------------------
 
@@ -174,7 +201,8 @@ class SyncCacheOps(CacheCore):
         fn: Callable[..., Any],
         local_key: Callable[[tuple[Any, ...], dict[str, Any]], Hashable],
         remote_key: Callable[[Any], str],
-        life: float | None,
+        life: LoadTtl,
+        condition: Condition,
     ) -> Callable[..., Any]:
         fresh = self.local.reader(self._now)
 
@@ -191,6 +219,7 @@ class SyncCacheOps(CacheCore):
                     return value
             # (fn, args, kwargs), not a lambda: a closure over args would cost every call,
             # hits too, two cells; and a tuple is cheaper to build than a partial.
-            return self._load(lkey, remote_key(lkey), (fn, args, kwargs), life, looked)
+            rkey = remote_key(lkey)
+            return self._load(lkey, rkey, (fn, args, kwargs), life, condition, looked)
 
         return cached_sync

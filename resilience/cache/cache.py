@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, ParamSpec, TypeVar, cast
 
 from resilience.cache._async_shell import AsyncCacheOps
-from resilience.cache._core import CacheEvent, check_key, check_ttl
+from resilience.cache._core import CacheEvent, check_condition, check_key, check_load_ttl
 from resilience.cache._sync_shell import SyncCacheOps
 from resilience.cache.keys import KeyBuilder
 
@@ -35,19 +35,26 @@ class TwoTierCache(SyncCacheOps, AsyncCacheOps):
 
     def cached(
         self,
-        ttl: float | None = None,
+        ttl: float | Callable[[Any], float | None] | None = None,
         *,
         key: Callable[..., str] | None = None,
         version: str = "1",
         namespace: str | None = None,
+        condition: Callable[[Any], object] | None = None,
     ) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """Cache a sync or async function's results, keyed by its arguments.
 
         The default key comes from the bound call (``f(1)`` and ``f(x=1)`` are one key;
         ``1``, ``1.0``, ``True`` and ``"1"`` are four), namespaced by module, qualified
         name and ``version``. ``key`` replaces it with a function of the arguments.
+
+        ``ttl`` is seconds, or a function of the result returning seconds (None: the
+        cache's ttl). With ``condition``, a result is stored only when
+        ``condition(result)`` is true; otherwise it is returned (to every caller waiting
+        for that call) and not cached. See docs/cache.md.
         """
-        life = check_ttl(ttl)
+        life = check_load_ttl(ttl)
+        check_condition(condition)
         if key is not None and not callable(key):
             raise TypeError(f"key must be a callable returning a str, got {key!r}")
 
@@ -74,8 +81,9 @@ class TwoTierCache(SyncCacheOps, AsyncCacheOps):
                 remote_key = _same  # the caller's key names the entry in both tiers
             if is_async:
                 afn = cast(Callable[..., Awaitable[Any]], fn)
-                return cast(Callable[P, R], self._awrap(afn, local_key, remote_key, life))
-            return cast(Callable[P, R], self._wrap(fn, local_key, remote_key, life))
+                wrapped = self._awrap(afn, local_key, remote_key, life, condition)
+                return cast(Callable[P, R], wrapped)
+            return cast(Callable[P, R], self._wrap(fn, local_key, remote_key, life, condition))
 
         return decorate
 
