@@ -627,3 +627,12 @@ def test_the_functions_type_check_against_the_loaded_type() -> None:
 
     assert tags(0) == []
     assert tags(2) == ["a", "a"]
+
+
+@pytest.mark.parametrize("ttl", [1e17, 4e9])
+def test_a_ttl_beyond_a_century_is_refused_at_construction(ttl: float) -> None:
+    # Redis's millisecond expiry overflows near 1e16 s: refused here, not per write.
+    with pytest.raises(ValueError, match="ttl"):
+        rs.TwoTierCache(local=rs.LocalCache(ttl=ttl))
+    with pytest.raises(ValueError, match="ttl"):
+        rs.TwoTierCache().cached(ttl=ttl)

@@ -84,8 +84,14 @@ def check_key(key: object) -> str:
     return key
 
 
+#: The longest lifetime a cache takes: 100 years. Far beyond any real use, and far
+#: below what overflows Redis's 64-bit millisecond expiry (~2.9e8 years), which would
+#: fail every write long after construction.
+MAX_TTL: Final = 100 * 365 * 86_400.0
+
+
 def check_ttl(ttl: object, field: str = "ttl") -> float | None:
-    return None if ttl is None else positive_seconds(field, ttl)
+    return None if ttl is None else positive_seconds(field, ttl, maximum=MAX_TTL)
 
 
 def check_load_ttl(ttl: object) -> LoadTtl:
@@ -97,7 +103,7 @@ def check_load_ttl(ttl: object) -> LoadTtl:
             "ttl must be a number of seconds, None or a function of the loaded value, "
             f"got {a(type(ttl).__name__)}"
         )
-    return positive_seconds("ttl", ttl)
+    return positive_seconds("ttl", ttl, maximum=MAX_TTL)
 
 
 def check_condition(condition: object) -> Condition:
@@ -118,10 +124,10 @@ def _seconds_returned(seconds: object) -> float | None:
             f"the ttl function returned {a(type(seconds).__name__)}; it must return a "
             "positive number of seconds or None (the cache's ttl)"
         )
-    if not (math.isfinite(seconds) and seconds > 0):
+    if not (math.isfinite(seconds) and 0 < seconds <= MAX_TTL):
         raise ValueError(
             f"the ttl function returned {seconds!r}; it must return a positive number of "
-            "seconds or None (the cache's ttl)"
+            f"seconds up to {MAX_TTL:g} or None (the cache's ttl)"
         )
     return float(seconds)
 

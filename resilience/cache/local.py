@@ -36,7 +36,7 @@ class LocalCache:
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise ValueError(f"max_entries must be an int >= 1, got {max_entries!r}")
         self.max_entries = max_entries
-        self.ttl = positive_seconds("ttl", ttl)
+        self.ttl = positive_seconds("ttl", ttl, maximum=100 * 365 * 86_400.0)
         self._clock = resolve(clock)
         self._lock = threading.Lock()
         self._data: OrderedDict[Hashable, Entry] = OrderedDict()
