@@ -18,6 +18,8 @@ from resilience.breaker import (
     RedisBreakerStore,
     SlowCallRate,
     StateChanged,
+    breakers,
+    get_breaker,
 )
 from resilience.cache import (
     CacheEvent,
@@ -30,7 +32,13 @@ from resilience.cache import (
     SerializationError,
     TwoTierCache,
 )
-from resilience.errors import CircuitOpenError, RateLimited, ResilienceError
+from resilience.errors import (
+    BulkheadFull,
+    CircuitOpenError,
+    RateLimited,
+    ResilienceError,
+    TimeoutExceeded,
+)
 from resilience.limiter import (
     Decision,
     Limit,
@@ -40,15 +48,30 @@ from resilience.limiter import (
     RedisBackend,
     TokenBucket,
 )
+from resilience.policies import (
+    Backoff,
+    Bulkhead,
+    Fallback,
+    Pipeline,
+    Retry,
+    RetryBudget,
+    RetryEvent,
+    Timeout,
+    pipeline,
+    remaining,
+)
 from resilience.remote import BackendStateChanged, OnError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendStateChanged",
+    "Backoff",
     "BreakerEvent",
     "BreakerMode",
     "BreakerStats",
+    "Bulkhead",
+    "BulkheadFull",
     "CacheEvent",
     "CachePolicy",
     "CallFinished",
@@ -58,6 +81,7 @@ __all__ = [
     "CircuitState",
     "Decision",
     "FailureRate",
+    "Fallback",
     "JsonSerializer",
     "Limit",
     "LimitGroup",
@@ -69,14 +93,24 @@ __all__ = [
     "Outcome",
     "Permit",
     "PickleSerializer",
+    "Pipeline",
     "RateLimited",
     "RedisBackend",
     "RedisBreakerStore",
     "RedisCache",
     "ResilienceError",
+    "Retry",
+    "RetryBudget",
+    "RetryEvent",
     "SerializationError",
     "SlowCallRate",
     "StateChanged",
+    "Timeout",
+    "TimeoutExceeded",
     "TokenBucket",
     "TwoTierCache",
+    "breakers",
+    "get_breaker",
+    "pipeline",
+    "remaining",
 ]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from resilience.breaker.policy import TRANSITIONS, Trigger
+from resilience.breaker.policy import OPERATOR_TRIGGERS, TRANSITIONS
 
 
 def breaker_mermaid() -> str:
     """The breaker's state diagram; operator triggers are grouped, since they apply anywhere."""
-    operator = {Trigger.FORCE_OPEN, Trigger.FORCE_CLOSED, Trigger.DISABLE, Trigger.RESET}
+    operator = OPERATOR_TRIGGERS
     edges: dict[tuple[str, str], list[str]] = defaultdict(list)
     for (old, trigger), new in TRANSITIONS.items():
         if trigger not in operator:

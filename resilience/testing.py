@@ -2,6 +2,7 @@
 
 - :class:`FakeClock`: pass it as ``clock=`` and move time with :meth:`FakeClock.advance`.
 - :func:`disabled`: a context manager that makes every breaker admit every call.
+- :func:`no_waits`: retries still happen, but none waits (as stamina's set_testing).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from contextlib import contextmanager
 
 from resilience.breaker import breaker as _breaker
 from resilience.breaker.policy import BreakerMode
+from resilience.breaker.registry import REGISTRY
+from resilience.policies import _retry_core
 
-__all__ = ["FakeClock", "disabled"]
+__all__ = ["FakeClock", "disabled", "no_waits"]
 
 
 class FakeClock:
@@ -67,7 +70,8 @@ def disabled() -> Iterator[None]:
     On exit each existing breaker goes back to its mode from before; breakers that
     were normal come back reset (closed, counts cleared).
     """
-    before = {b: b.mode for b in list(_breaker._ALL)}
+    # mode, and for a timed force-open its end on the breaker's clock
+    before = {b: (b.mode, _forced_until(b)) for b in REGISTRY.live()}
     _breaker._forced_closed_for_tests = True
     try:
         for b in before:
@@ -75,11 +79,38 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _breaker._forced_closed_for_tests = False
-        for b in list(_breaker._ALL):
-            mode = before.get(b, BreakerMode.NORMAL)
+        for b in REGISTRY.live():
+            mode, until = before.get(b, (BreakerMode.NORMAL, math.inf))
             if mode is BreakerMode.FORCED_OPEN:
-                b.force_open()
+                left = until - b._clock.monotonic()
+                if until == math.inf:
+                    b.force_open()
+                elif left > 0:
+                    b.force_open(duration=left)
+                else:
+                    b.half_open()  # its time ran out inside the block: probing now
             elif mode is BreakerMode.DISABLED:
                 b.disable()
             elif mode is BreakerMode.NORMAL:
                 b.reset()
+
+
+def _forced_until(b: _breaker.CircuitBreaker) -> float:
+    """When ``b``'s force-open ends (monotonic, its clock); inf if untimed or not forced."""
+    policy = b._policy
+    with b._lock:
+        forced = policy.mode is BreakerMode.FORCED_OPEN
+        return policy.open_until if forced else math.inf
+
+
+@contextmanager
+def no_waits() -> Iterator[None]:
+    """Inside the block every :class:`~resilience.Retry` retries at once: backoff and
+    retry_after waits are skipped (the clock is not moved either). Attempts, budgets
+    and deadlines still apply. Nests; restores the previous setting on exit."""
+    before = _retry_core.waits[0]
+    _retry_core.waits[0] = False
+    try:
+        yield
+    finally:
+        _retry_core.waits[0] = before

@@ -47,6 +47,7 @@ def test_every_sync_method_has_an_async_twin_and_back() -> None:
         "stats",
         "force_open",
         "force_closed",
+        "half_open",
         "disable",
         "reset",
         "guard",

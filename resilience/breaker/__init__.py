@@ -2,6 +2,7 @@
 
 from resilience.breaker.breaker import BreakerEvent, CircuitBreaker, Permit
 from resilience.breaker.policy import (
+    OPERATOR_TRIGGERS,
     TRANSITIONS,
     BreakerMode,
     BreakerStats,
@@ -14,9 +15,11 @@ from resilience.breaker.policy import (
     StateChanged,
     Trigger,
 )
+from resilience.breaker.registry import breakers, get_breaker
 from resilience.breaker.store import RedisBreakerStore
 
 __all__ = [
+    "OPERATOR_TRIGGERS",
     "TRANSITIONS",
     "BreakerEvent",
     "BreakerMode",
@@ -32,4 +35,6 @@ __all__ = [
     "SlowCallRate",
     "StateChanged",
     "Trigger",
+    "breakers",
+    "get_breaker",
 ]

@@ -113,7 +113,7 @@ class BreakerCore:
         until = policy.reject_until
         if now < until:  # open: decided without the lock or the policy
             next(self._quick_rejections)  # atomic, unlike `+= 1`
-            return policy.forced_retry_after() if until == _INF else until - now
+            return policy.forced_retry_after(now) if until == _INF else until - now
         with self._lock:
             result = policy.admit(now)
             self._flush()

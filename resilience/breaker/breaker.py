@@ -26,7 +26,6 @@ import inspect
 import itertools
 import threading
 import types
-import weakref
 from collections.abc import (
     AsyncGenerator,
     Callable,
@@ -38,6 +37,7 @@ from typing import Any, Final, ParamSpec, TypeVar, cast, overload
 
 import wrapt
 
+from resilience._checks import positive_seconds
 from resilience._clock import Clock, resolve
 from resilience.breaker._async_shell import AsyncBreakerOps
 from resilience.breaker._core import BreakerEvent
@@ -55,6 +55,7 @@ from resilience.breaker.policy import (
     Outcome,
     SlowCallRate,
 )
+from resilience.breaker.registry import REGISTRY
 from resilience.events import Dispatcher, Listener, Tally, Telemetry
 
 __all__ = ["BreakerEvent", "CircuitBreaker", "Permit"]
@@ -67,8 +68,8 @@ ExcTypes = type[BaseException] | tuple[type[BaseException], ...]
 _DEFAULT_THRESHOLD: Final = 5
 _UNSET: Any = object()
 
-# Every breaker, so resilience.testing can switch them all off; weak, so it never keeps one.
-_ALL: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
+# Every breaker is in resilience.breaker.registry (weak): for rs.breakers() and
+# rs.get_breaker(), and so resilience.testing can switch them all off.
 _forced_closed_for_tests = False
 
 
@@ -149,7 +150,7 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
             f"resilience.breaker.{name}", default=()
         )
         self._observe()
-        _ALL.add(self)
+        REGISTRY.add(self)
         if _forced_closed_for_tests:
             self.force_closed()
         self.store = store
@@ -200,11 +201,13 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
 
     @property
     def mode(self) -> BreakerMode:
-        return self._policy.mode
+        """How an operator set it; a timed force-open whose time is up reads normal."""
+        return self._with_policy(BreakerPolicy.current_mode)
 
     @property
     def retry_after(self) -> float:
-        """Seconds until an open breaker admits a probe; 0.0 when it is not open."""
+        """Seconds until an open breaker admits a probe; 0.0 when it is not open. For a
+        timed force-open, the time left of it; untimed, one ``recovery_timeout``."""
         return self.stats().retry_after
 
     def stats(self) -> BreakerStats:
@@ -250,9 +253,27 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
     def _control(self, action: Callable[[BreakerPolicy, float], None]) -> None:
         self._with_policy(action)
 
-    def force_open(self) -> None:
-        """Reject every call until reset() or force_closed()."""
-        self._control(BreakerPolicy.force_open)
+    def force_open(self, duration: float | None = None) -> None:
+        """Reject every call until reset(), force_closed(), disable() or half_open().
+
+        With ``duration`` (seconds, on the breaker's clock), only that long: then the
+        breaker is half-open and probes, under the normal state machine again. Rejected
+        calls meanwhile get the time left as ``CircuitOpenError.retry_after``.
+        """
+        if duration is None:
+            self._control(BreakerPolicy.force_open)
+            return
+        seconds = positive_seconds("duration", duration)
+        self._control(lambda policy, now: policy.force_open(now, seconds))
+
+    def half_open(self) -> None:
+        """Half-open now, from any state or mode: the next calls are probes.
+
+        Up to ``half_open_max_calls`` probes run at once, ``success_threshold``
+        successes close the breaker and one failure opens it again. Calls that started
+        before do not count. Like reset(), it ends any forced or disabled mode.
+        """
+        self._control(BreakerPolicy.half_open)
 
     def force_closed(self) -> None:
         """Admit every call and count nothing until reset()."""

@@ -30,7 +30,7 @@ class BreakerMode(enum.Enum):
     """How an operator has set the breaker. ``NORMAL`` follows the state machine."""
 
     NORMAL = "normal"
-    FORCED_OPEN = "forced_open"  # rejects everything until reset()
+    FORCED_OPEN = "forced_open"  # rejects everything until reset(), or for its duration
     FORCED_CLOSED = "forced_closed"  # admits everything, counts nothing
     DISABLED = "disabled"  # admits everything, still counts (metrics only)
 
@@ -50,6 +50,7 @@ class Trigger(enum.Enum):
     FORCE_CLOSED = "force_closed"
     DISABLE = "disable"
     RESET = "reset"
+    HALF_OPEN = "half_open"  # half_open(): an operator starts probing now
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from resilience.breaker.events import (
 from resilience.breaker.windows import make_window
 
 __all__ = [
+    "OPERATOR_TRIGGERS",
     "TRANSITIONS",
     "BreakerConfig",
     "BreakerMode",
@@ -60,13 +61,22 @@ TRANSITIONS: Final[dict[tuple[CircuitState, Trigger], CircuitState]] = {
     **{(s, Trigger.FORCE_CLOSED): _C for s in CircuitState},
     **{(s, Trigger.DISABLE): _C for s in CircuitState},
     **{(s, Trigger.RESET): _C for s in CircuitState},
+    **{(s, Trigger.HALF_OPEN): _H for s in CircuitState},
 }
+
+#: The triggers an operator pulls (a method call), applicable from every state.
+OPERATOR_TRIGGERS: Final = frozenset(
+    {Trigger.FORCE_OPEN, Trigger.FORCE_CLOSED, Trigger.DISABLE, Trigger.RESET, Trigger.HALF_OPEN}
+)
 
 _MODE_AFTER: Final[dict[Trigger, BreakerMode]] = {
     Trigger.FORCE_OPEN: BreakerMode.FORCED_OPEN,
     Trigger.FORCE_CLOSED: BreakerMode.FORCED_CLOSED,
     Trigger.DISABLE: BreakerMode.DISABLED,
     Trigger.RESET: BreakerMode.NORMAL,
+    Trigger.HALF_OPEN: BreakerMode.NORMAL,
+    # A timed force-open ends like a recovery period: half-open, under the state machine.
+    Trigger.RECOVERY_ELAPSED: BreakerMode.NORMAL,
 }
 
 
@@ -133,10 +143,11 @@ class BreakerPolicy:
         mode = self.mode
         admit_freely = (self.state is _C and mode is not BreakerMode.FORCED_OPEN) and not self.timed
         # Rejections before this monotonic time need no decision; unobserved only, since
-        # observed rejections emit events in order under the lock.
-        if mode is BreakerMode.FORCED_OPEN:
-            self.reject_until = math.inf
-        elif self.state is _O and mode is BreakerMode.NORMAL and not self.observed:
+        # observed rejections emit events in order under the lock. Open (normal or
+        # forced) rejects lock-free until open_until: the end of the recovery time, or of
+        # a timed force (inf when untimed). The first call after it takes the lock and
+        # moves the breaker to half-open.
+        if self.state is _O and not self.observed:
             self.reject_until = self.open_until
         else:
             self.reject_until = -math.inf
@@ -170,7 +181,7 @@ class BreakerPolicy:
 
     # -- transitions ---------------------------------------------------------------------
 
-    def _transition(self, trigger: Trigger, now: float) -> None:
+    def _transition(self, trigger: Trigger, now: float, forced_for: float | None = None) -> None:
         old = self.state
         new = TRANSITIONS[(old, trigger)]
         self.mode = _MODE_AFTER.get(trigger, self.mode)
@@ -180,7 +191,8 @@ class BreakerPolicy:
         self.half_open_successes = 0
         if new is _O:
             if trigger is Trigger.FORCE_OPEN:
-                self.open_until = math.inf
+                # Untimed: until an operator says otherwise. Timed: then half-open.
+                self.open_until = math.inf if forced_for is None else now + forced_for
             else:
                 self.trips += 1
                 self.total_trips += 1
@@ -200,8 +212,14 @@ class BreakerPolicy:
         if self._slow_window is not None:
             self._slow_window = make_window(self.config.slow_call_rate)  # type: ignore[arg-type]
 
-    def force_open(self, now: float) -> None:
-        self._transition(Trigger.FORCE_OPEN, now)
+    def force_open(self, now: float, duration: float | None = None) -> None:
+        """Reject every call: until another operator action, or for ``duration`` seconds
+        (checked by the shell), after which the breaker is half-open and probes."""
+        self._transition(Trigger.FORCE_OPEN, now, duration)
+
+    def half_open(self, now: float) -> None:
+        """Half-open now, under the state machine: the next calls are probes."""
+        self._transition(Trigger.HALF_OPEN, now)
 
     def force_closed(self, now: float) -> None:
         self._transition(Trigger.FORCE_CLOSED, now)
@@ -215,8 +233,10 @@ class BreakerPolicy:
         self.total_trips = 0
 
     def _catch_up(self, now: float) -> None:
-        """Move an open breaker to half-open once its recovery time has passed."""
-        if self.state is _O and self.mode is BreakerMode.NORMAL and now >= self.open_until:
+        """Move an open breaker to half-open once its recovery time (or the duration of
+        a timed force-open) has passed. Open means normal or forced open, and an
+        untimed force never ends: its ``open_until`` is infinite."""
+        if self.state is _O and now >= self.open_until:
             self._transition(Trigger.RECOVERY_ELAPSED, now)
 
     # -- admission -----------------------------------------------------------------------
@@ -225,8 +245,9 @@ class BreakerPolicy:
         """Admit a call (returns its admission) or reject it (returns retry_after seconds)."""
         mode = self.mode
         if mode is BreakerMode.FORCED_OPEN:
-            return self._reject(self.forced_retry_after(), now)
-        if mode is not BreakerMode.NORMAL:
+            if now < self.open_until:
+                return self._reject(self.forced_retry_after(now), now)
+        elif mode is not BreakerMode.NORMAL:
             return (self.gen, 0, self.counted)
         self._catch_up(now)
         state = self.state
@@ -246,10 +267,14 @@ class BreakerPolicy:
         probes[token] = now + self.config.lease
         return (self.gen, token, self.counted)
 
-    def forced_retry_after(self) -> float:
-        """What a forced-open breaker tells callers to wait: it never reopens by itself,
-        so there is no real time to give; one recovery period is when to ask again."""
-        return self.config.recovery_timeout
+    def forced_retry_after(self, now: float) -> float:
+        """What a forced-open breaker tells callers to wait. Timed: the time left of the
+        force. Untimed: it never reopens by itself, so there is no real time to give;
+        one recovery period is when to ask again."""
+        until = self.open_until
+        if until == math.inf:
+            return self.config.recovery_timeout
+        return max(0.0, until - now)
 
     def _reject(self, retry_after: float, now: float) -> float:
         self.rejected += 1
@@ -356,11 +381,15 @@ class BreakerPolicy:
         self._catch_up(now)
         return self.state
 
+    def current_mode(self, now: float) -> BreakerMode:
+        self._catch_up(now)  # a timed force-open that ended is normal again
+        return self.mode
+
     def retry_after(self, now: float) -> float:
         self._catch_up(now)
         if self.state is _O:
             if self.mode is BreakerMode.FORCED_OPEN:
-                return self.forced_retry_after()
+                return self.forced_retry_after(now)
             return max(0.0, self.open_until - now)
         return 0.0
 
