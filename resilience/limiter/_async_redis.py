@@ -4,6 +4,7 @@
 # unasync: _aeval_one -> _eval_one, _arun -> _run, adecide -> decide, _adecide -> _decide
 # unasync: adecide_many -> decide_many, acall -> call, _async_client -> _sync_client
 # unasync: atry_acquire -> try_acquire, atry_acquire_many -> try_acquire_many
+# unasync: apeek -> peek, areset -> reset, arun -> run
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 from resilience.limiter._redis_base import (
     ONE,
+    PEEK,
     SCRIPT,
     RedisBackendBase,
     RedisTable,
@@ -19,7 +21,7 @@ from resilience.limiter._redis_base import (
     key_head,
 )
 from resilience.limiter.bucket import Decision
-from resilience.remote import UNAVAILABLE
+from resilience.remote import UNAVAILABLE, Script
 
 __all__ = ["AsyncRedisBackend"]
 
@@ -36,11 +38,14 @@ class AsyncRedisBackend(RedisBackendBase):
         return await self._commands.aevalsha(ONE, (key,), (cost_us, fill_us), packed=packed)
 
     async def _arun(
-        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
+        self,
+        tables: Sequence[RedisTable],
+        items: Sequence[tuple[str, float]],
+        script: Script = SCRIPT,
     ) -> list[Decision]:
         out: list[Decision | None] = [None] * len(items)
         for keys, args, indexes in self._plan(tables, items):
-            reply = await self._commands.aevalsha(SCRIPT, keys, args)
+            reply = await self._commands.aevalsha(script, keys, args)
             self._read(tables, items, (keys, args, indexes), reply, out)
         return out  # type: ignore[return-value]  # every index is filled by its call
 
@@ -74,3 +79,28 @@ class AsyncRedisBackend(RedisBackendBase):
         if decisions is UNAVAILABLE:
             return [self._fallback(tables, k, c, now) for k, c in items]
         return decisions
+
+    async def apeek(
+        self, tables: Sequence[RedisTable], key: str, cost: float, now: float
+    ) -> Decision:
+        """What :meth:`adecide` would answer now, taking nothing and writing no key: one
+        read-only script call (``token_bucket_peek.lua``) on Redis's clock. While Redis is
+        unavailable, what ``on_error`` would answer: the in-process bucket's answer
+        (``local``, also taking nothing), allowed (``fail_open``) or denied
+        (``fail_closed``)."""
+        if not self._async_client:
+            raise self._wrong_client("apeek")
+        decisions = await self.guard.acall(self._arun, tables, [(key, cost)], PEEK)
+        if decisions is UNAVAILABLE:
+            return self._peek_fallback(tables, key, cost, now)
+        return decisions[0]
+
+    async def areset(self, tables: Sequence[RedisTable], key: str) -> bool:
+        """Make the key's buckets full again: DEL their keys (one hash slot, one call), and
+        drop the in-process fallback's entries. False when Redis could not be reached, so
+        its keys stay until they expire (the fallback's entries are dropped anyway)."""
+        if not self._async_client:
+            raise self._wrong_client("areset")
+        self._local.reset([t.local for t in tables], key)
+        done = await self.guard.acall(self._commands.arun, "DEL", *self._keys(tables, key))
+        return done is not UNAVAILABLE

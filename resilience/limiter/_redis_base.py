@@ -22,10 +22,11 @@ from resilience.remote import (
     check_timeout,
 )
 
-__all__ = ["ONE", "SCRIPT", "RedisBackendBase", "RedisTable", "bucket_key", "key_head"]
+__all__ = ["ONE", "PEEK", "SCRIPT", "RedisBackendBase", "RedisTable", "bucket_key", "key_head"]
 
 SCRIPT: Final = Script("resilience.limiter", "token_bucket.lua")  # groups and batches
 ONE: Final = Script("resilience.limiter", "token_bucket_one.lua")  # one request, one limit
+PEEK: Final = Script("resilience.limiter", "token_bucket_peek.lua")  # SCRIPT, taking nothing
 # EVALSHA <ONE> 1 <key> <cost_us> <fill_us> as RESP: the constant head, packed once.
 _ONE_HEAD: Final = f"*6\r\n$7\r\nEVALSHA\r\n$40\r\n{ONE.sha}\r\n$1\r\n1\r\n".encode()
 
@@ -141,6 +142,11 @@ class RedisBackendBase:
     def _head(self, key: str) -> str:
         return key_head(self.prefix, key)
 
+    def _keys(self, tables: Sequence[RedisTable], key: str) -> list[str]:
+        """The Redis keys of ``key``'s buckets, one per limit (one hash slot)."""
+        head = self._head(key)
+        return [head + t.suffix for t in tables]
+
     def _plan(
         self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
     ) -> Iterator[_Call]:
@@ -203,6 +209,14 @@ class RedisBackendBase:
         # Denied: come back when the breaker next asks Redis, or after one token's time.
         retry = max(self.guard.breaker.retry_after, cost / limit.rate)
         return _new_decision(Decision, (False, 0, retry, 0.0, int(limit.capacity)))
+
+    def _peek_fallback(
+        self, tables: Sequence[RedisTable], key: str, cost: float, now: float
+    ) -> Decision:
+        """What :meth:`_fallback` would answer now, taking nothing."""
+        if self.on_error is OnError.LOCAL:
+            return self._local.peek_group([t.local for t in tables], key, cost, now)
+        return self._fallback(tables, key, cost, now)  # fail_open, fail_closed: no state
 
     def _wrong_client(self, method: str) -> TypeError:
         """The error for a sync call on an asyncio-client backend, or the reverse."""

@@ -9,6 +9,7 @@ from typing import Any
 
 from resilience.limiter._redis_base import (
     ONE,
+    PEEK,
     SCRIPT,
     RedisBackendBase,
     RedisTable,
@@ -16,7 +17,7 @@ from resilience.limiter._redis_base import (
     key_head,
 )
 from resilience.limiter.bucket import Decision
-from resilience.remote import UNAVAILABLE
+from resilience.remote import UNAVAILABLE, Script
 
 __all__ = ["SyncRedisBackend"]
 
@@ -33,11 +34,14 @@ class SyncRedisBackend(RedisBackendBase):
         return self._commands.evalsha(ONE, (key,), (cost_us, fill_us), packed=packed)
 
     def _run(
-        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
+        self,
+        tables: Sequence[RedisTable],
+        items: Sequence[tuple[str, float]],
+        script: Script = SCRIPT,
     ) -> list[Decision]:
         out: list[Decision | None] = [None] * len(items)
         for keys, args, indexes in self._plan(tables, items):
-            reply = self._commands.evalsha(SCRIPT, keys, args)
+            reply = self._commands.evalsha(script, keys, args)
             self._read(tables, items, (keys, args, indexes), reply, out)
         return out  # type: ignore[return-value]  # every index is filled by its call
 
@@ -69,3 +73,26 @@ class SyncRedisBackend(RedisBackendBase):
         if decisions is UNAVAILABLE:
             return [self._fallback(tables, k, c, now) for k, c in items]
         return decisions
+
+    def peek(self, tables: Sequence[RedisTable], key: str, cost: float, now: float) -> Decision:
+        """What :meth:`decide` would answer now, taking nothing and writing no key: one
+        read-only script call (``token_bucket_peek.lua``) on Redis's clock. While Redis is
+        unavailable, what ``on_error`` would answer: the in-process bucket's answer
+        (``local``, also taking nothing), allowed (``fail_open``) or denied
+        (``fail_closed``)."""
+        if not self._sync_client:
+            raise self._wrong_client("peek")
+        decisions = self.guard.call(self._run, tables, [(key, cost)], PEEK)
+        if decisions is UNAVAILABLE:
+            return self._peek_fallback(tables, key, cost, now)
+        return decisions[0]
+
+    def reset(self, tables: Sequence[RedisTable], key: str) -> bool:
+        """Make the key's buckets full again: DEL their keys (one hash slot, one call), and
+        drop the in-process fallback's entries. False when Redis could not be reached, so
+        its keys stay until they expire (the fallback's entries are dropped anyway)."""
+        if not self._sync_client:
+            raise self._wrong_client("reset")
+        self._local.reset([t.local for t in tables], key)
+        done = self.guard.call(self._commands.run, "DEL", *self._keys(tables, key))
+        return done is not UNAVAILABLE

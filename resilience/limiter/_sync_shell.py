@@ -65,6 +65,35 @@ class SyncLimiterOps(LimiterCore):
             self._check_wait(decision, key, deadline)
             self._sleep(decision.retry_after)
 
+    def peek(self, key: str, cost: float = 1) -> Decision:
+        """What ``try_acquire(key, cost)`` would answer now, taking nothing and creating
+        nothing: ``remaining`` and ``reset_after`` are what the request would leave.
+
+        A peek is not a decision: listeners and the allowed/denied counts never see it.
+        On Redis, while Redis is unavailable, it answers what ``on_error`` would: the
+        in-process bucket's answer, also taking nothing (``"local"``); allowed, with
+        ``remaining`` 0 (``"fail_open"``); denied, with ``retry_after`` the time until
+        Redis is tried again, at least ``cost``'s refill time (``"fail_closed"``). An
+        outage never raises.
+        """
+        if key.__class__ is not str or not key:
+            bad_key(key)
+        cost = self._cost(cost)
+        now = _monotonic() if self._now is None else self._now()
+        return cast("Decision", self.backend.peek(self._tables, key, cost, now))
+
+    def reset(self, key: str) -> bool:
+        """Make ``key``'s bucket full again (for a group: every limit's bucket).
+
+        Memory drops the key's entry; Redis deletes its keys (and the in-process fallback's
+        entries). True when done; False when Redis could not be reached, so its keys stay
+        until they expire. A request deciding at the same moment sees the bucket either
+        before or after the reset, never half of it.
+        """
+        if key.__class__ is not str or not key:
+            bad_key(key)
+        return cast("bool", self.backend.reset(self._tables, key))
+
     def try_acquire_many(self, items: Iterable[str | tuple[str, float]]) -> list[Decision]:
         """Decide many requests in one round trip (Redis: one pipeline). Each is separate."""
         pairs = self._items(items)

@@ -162,6 +162,35 @@ class MemoryTable:
         full_at = self._full_at.get(key)
         return full_at if full_at is not None and full_at > now else None
 
+    def preview(self, key: str, cost: float, now: float) -> Decision:
+        """What :meth:`decide` would answer now, with the same arithmetic, taking nothing
+        and adding no entry (one dict read: no lock needed)."""
+        rate = self.rate
+        full_at = self._full_at.get(key)
+        base = now if full_at is None or full_at < now else full_at
+        after = base + cost / rate
+        if after - now <= self._fill:
+            return _new_decision(
+                Decision,
+                (
+                    True,
+                    int(self._cap_eps - (after - now) * rate),
+                    0.0,
+                    after - now,
+                    self._limit_int,
+                ),
+            )
+        return _new_decision(
+            Decision,
+            (
+                False,
+                int(self._cap_eps - (base - now) * rate),
+                after - now - self._fill + EPSILON,
+                base - now,
+                self._limit_int,
+            ),
+        )
+
 
 class MemoryBackend:
     """Buckets in this process's memory. Thread- and task-safe.
@@ -216,6 +245,36 @@ class MemoryBackend:
                     if len(t._full_at) > t._next_sweep:
                         t._sweep(now)
         return combine([d for d, _ in pending])
+
+    def peek(self, tables: Sequence[MemoryTable], key: str, cost: float, now: float) -> Decision:
+        """What :meth:`decide` would answer now; takes nothing and adds no entry."""
+        if len(tables) == 1:
+            return tables[0].preview(key, cost, now)
+        return self.peek_group(tables, key, cost, now)
+
+    async def apeek(
+        self, tables: Sequence[MemoryTable], key: str, cost: float, now: float
+    ) -> Decision:
+        return self.peek(tables, key, cost, now)
+
+    def peek_group(
+        self, tables: Sequence[MemoryTable], key: str, cost: float, now: float
+    ) -> Decision:
+        """What :meth:`decide_group` would answer now; takes nothing and adds no entry."""
+        with self._lock:
+            return combine(
+                [decide(t._full_at.get(key), now, cost, t.rate, t.capacity)[0] for t in tables]
+            )
+
+    def reset(self, tables: Sequence[MemoryTable], key: str) -> bool:
+        """Make the key's buckets full again: drop its entries (a full bucket has none)."""
+        with self._lock:
+            for t in tables:
+                t._full_at.pop(key, None)
+        return True
+
+    async def areset(self, tables: Sequence[MemoryTable], key: str) -> bool:
+        return self.reset(tables, key)
 
     def __len__(self) -> int:
         return sum(len(t) for t in self._tables.values())
