@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
 
+from resilience import _clock
 from resilience._checks import positive_seconds
 from resilience._clock import SYSTEM_CLOCK, Clock, resolve
 from resilience.errors import CircuitOpenError, RateLimited
@@ -87,9 +87,9 @@ class RetryCore(Policy):
         clock = resolve(clock)
         self._clock = clock
         self._monotonic: Callable[[], float] = (
-            time.monotonic if clock is SYSTEM_CLOCK else clock.monotonic
+            _clock.monotonic if clock is SYSTEM_CLOCK else clock.monotonic
         )
-        self._sleep: Callable[[float], None] = getattr(clock, "sleep", time.sleep)
+        self._sleep: Callable[[float], None] = getattr(clock, "sleep", SYSTEM_CLOCK.sleep)
         self._asleep: Callable[[float], Awaitable[None]] = getattr(clock, "asleep", anyio.sleep)
         # The common call needs none of the loop's machinery (see acall).
         self._plain = self.deadline is None and budget is None and on_result is None

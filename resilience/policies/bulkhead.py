@@ -16,7 +16,6 @@ import contextlib
 import math
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -24,6 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import anyio
 
+from resilience import _clock
 from resilience.errors import BulkheadFull
 from resilience.events import Tally, Telemetry
 from resilience.flight import current_async_library
@@ -146,29 +146,29 @@ class Bulkhead(Policy):
         waiter = self._try_enter(maker)
         if waiter is None:
             return
-        start = time.monotonic()
+        start = _clock.monotonic()
         woke = waiter.wait(timeout=-1 if self.max_wait is None else self.max_wait)
         if woke:
             self._admitted.add()
             return
-        self._give_up(waiter, time.monotonic() - start, cancelled=False)
+        self._give_up(waiter, _clock.monotonic() - start, cancelled=False)
 
     async def _aenter(self) -> None:
         maker = None if self.max_queue == 0 else _task_waiter
         waiter = self._try_enter(maker)
         if waiter is None:
             return
-        start = time.monotonic()
+        start = _clock.monotonic()
         try:
             with anyio.move_on_after(math.inf if self.max_wait is None else self.max_wait):
                 await waiter.wait()
         except BaseException:  # cancelled from outside
-            self._give_up(waiter, time.monotonic() - start, cancelled=True)
+            self._give_up(waiter, _clock.monotonic() - start, cancelled=True)
             raise
         if waiter.granted:
             self._admitted.add()
             return
-        self._give_up(waiter, time.monotonic() - start, cancelled=False)
+        self._give_up(waiter, _clock.monotonic() - start, cancelled=False)
 
     # -- calling -----------------------------------------------------------------------------
 

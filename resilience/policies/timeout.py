@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import time
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 import anyio
 
+from resilience import _clock
 from resilience._checks import positive_seconds
 from resilience._clock import SYSTEM_CLOCK, Clock, resolve
 from resilience.errors import TimeoutExceeded
@@ -88,7 +88,7 @@ class Timeout(Policy):
         self.name = check_name(name)
         clock = resolve(clock)
         self._monotonic: Callable[[], float] = (
-            time.monotonic if clock is SYSTEM_CLOCK else clock.monotonic
+            _clock.monotonic if clock is SYSTEM_CLOCK else clock.monotonic
         )
         self._watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watch] = (
             weakref.WeakKeyDictionary()
