@@ -80,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="set it although no instance reports the name (instances that start later apply it)",
     )
+    force.add_argument(
+        "--for",
+        dest="duration",
+        metavar="SECONDS",
+        type=_seconds_arg,
+        help="with open: only this long (on Redis's clock); then every instance probes",
+    )
 
     buckets = _command(
         sub, "buckets", _buckets, "token-bucket levels kept in Redis",
@@ -342,6 +349,16 @@ def _breakers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _force(args: argparse.Namespace) -> int:
     from resilience.breaker.store import RedisBreakerStore
 
@@ -359,20 +376,23 @@ def _force(args: argparse.Namespace) -> int:
             else:
                 print(f"{args.name}: nothing to lift (no override under {args.prefix!r})")
             return 0
+        if args.duration is not None and args.state != "open":
+            _fail(f"--for goes with open only, not {args.state}")
         if not running and not args.anyway:
             _fail(
                 f"no instance reports breaker {args.name!r} under prefix {args.prefix!r} "
                 "(nothing set; check the name and --prefix with `resilience breakers`, "
                 "or pass --anyway to force it for instances that start later)"
             )
-        store.force(args.name, args.state)
+        store.force(args.name, args.state, duration=args.duration)
     finally:
         store.close()
+    state = args.state if args.duration is None else f"{args.state} for {args.duration:g}s"
     if running:
-        print(f"{args.name}: forced {args.state} on {running} instance(s) "
+        print(f"{args.name}: forced {state} on {running} instance(s) "
               "(they apply it within their store interval)")  # fmt: skip
     else:
-        print(f"{args.name}: forced {args.state}; no instance reports it yet, "
+        print(f"{args.name}: forced {state}; no instance reports it yet, "
               "instances that start later will apply it")  # fmt: skip
     return 0
 

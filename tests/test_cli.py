@@ -376,6 +376,32 @@ def test_force_refuses_a_name_no_instance_reports_unless_anyway(
     assert payments.state is rs.CircuitState.CLOSED  # never touched by any of it
 
 
+@pytest.mark.redis
+def test_force_open_for_a_while_then_every_instance_probes(
+    store: rs.RedisBreakerStore, redis_client: redis.Redis, redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    where = ["--redis", redis_url, "--prefix", store.prefix]
+    search = rs.CircuitBreaker("search", store=store)
+    _wait(lambda: len(store.states()) == 1)
+
+    code, _, err = run(capsys, "force", "search", "closed", "--for", "30", *where)
+    assert code == 2
+    assert "--for goes with open only" in err
+    for bad in ("-1", "0", "nan", "inf", "soon"):
+        code, _, err = run(capsys, "force", "search", "open", "--for", bad, *where)
+        assert code == 2, bad
+        assert "positive number of seconds" in err, (bad, err)
+
+    code, out, _ = run(capsys, "force", "search", "open", "--for", "30", *where)
+    assert code == 0
+    assert "forced open for 30s on 1 instance(s)" in out
+    _wait(lambda: search.state is rs.CircuitState.OPEN)
+    row = next(r for r in store.states() if r["name"] == "search")
+    assert row["force"] == "open"
+    assert row.get("force_until")
+
+
 # -- outbox replay has no silent cap -----------------------------------------------------
 
 
