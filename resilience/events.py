@@ -128,10 +128,13 @@ class Dispatcher(Generic[E]):
         self.has_async = self.has_async or _is_async(listener)
 
     def remove(self, listener: Listener[E]) -> None:
-        if listener not in self._listeners:
+        # Found by equality, removed by identity: `obj.method` is a new bound method
+        # object each time it is written, equal to the registered one but not it.
+        registered = next((x for x in self._listeners if x == listener), None)
+        if registered is None:
             raise ValueError(f"listener {listener!r} is not registered")
-        self._listeners = tuple(x for x in self._listeners if x is not listener)
-        del self._filters[id(listener)]
+        self._listeners = tuple(x for x in self._listeners if x is not registered)
+        del self._filters[id(registered)]
         self.has_async = any(_is_async(x) for x in self._listeners)
 
     def _takes(self, listener: Listener[E], event: E) -> bool:
