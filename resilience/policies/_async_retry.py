@@ -29,7 +29,10 @@ class AsyncRetryOps(RetryCore):
         except Exception as error:
             if not self._retryable(error):
                 raise
-            return await self._aloop(fn, args, kwargs, error)
+            first = error
+        # Retried outside the except block, so that later errors do not chain to the
+        # first (__context__) and the retries' sleeps do not run inside a handler.
+        return await self._aloop(fn, args, kwargs, first)
 
     async def _aloop(
         self,

@@ -112,7 +112,10 @@ class RetryCore(Policy):
         """As _outer, and an enclosing anyio/trio cancel-scope deadline too."""
         left = _deadline.remaining()
         try:
-            scope = anyio.current_effective_deadline() - anyio.current_time()
+            ends = anyio.current_effective_deadline()
+            if ends == math.inf:  # no cancel scope with a deadline encloses us
+                return left
+            scope = ends - anyio.current_time()
         except Exception:  # not under an anyio-supported loop
             return left
         return scope if left is None or scope < left else left
@@ -140,10 +143,12 @@ class RetryCore(Policy):
         if wait is not None:
             # Come back when told to, if that fits in the time left (or, with no
             # deadline anywhere, within the longest wait the backoff would make).
-            window = left if left is not None else self.backoff.maximum
-            if wait > window:
+            fits = wait <= self.backoff.maximum if left is None else wait < left
+            if not fits:
                 return 0.0, "rejected"
-            delay = max(delay, wait)
+            # Not before it; and when the backoff would outlive the deadline, the wait
+            # we were told fits: take that.
+            delay = wait if delay < wait or (left is not None and delay >= left) else delay
         if left is not None and delay >= left:
             return 0.0, "deadline"
         if self.budget is not None and not self.budget.try_withdraw():

@@ -28,7 +28,10 @@ class SyncRetryOps(RetryCore):
         except Exception as error:
             if not self._retryable(error):
                 raise
-            return self._loop(fn, args, kwargs, error)
+            first = error
+        # Retried outside the except block, so that later errors do not chain to the
+        # first (__context__) and the retries' sleeps do not run inside a handler.
+        return self._loop(fn, args, kwargs, first)
 
     def _loop(
         self,

@@ -9,7 +9,8 @@ from typing import Final
 __all__ = ["JITTERS", "Backoff"]
 
 #: ``full``: uniform in [0, d]; ``equal``: d/2 plus uniform in [0, d/2]; ``decorrelated``:
-#: uniform in [initial, 3 * the previous delay] (AWS's "decorrelated jitter"), capped;
+#: uniform in [initial, 3 * the previous delay, or 3 * initial for the first retry] (AWS's
+#: "decorrelated jitter"), capped at maximum;
 #: ``none``: exactly d. d = min(maximum, initial * multiplier^(retry - 1)).
 JITTERS: Final = ("full", "equal", "decorrelated", "none")
 
@@ -66,6 +67,8 @@ class Backoff:
 
     def ceiling(self, retry: int) -> float:
         """The delay before retry number ``retry`` (1 = the first retry), before jitter."""
+        if self.initial == 0.0:  # 0 times any power, even one too big for a float
+            return 0.0
         try:
             delay = self.initial * self.multiplier ** (retry - 1)
         except OverflowError:
@@ -77,8 +80,10 @@ class Backoff:
         decorrelated jitter)."""
         jitter = self.jitter
         if jitter == "decorrelated":
+            # The first retry draws from [initial, 3 * initial] too (AWS starts its
+            # "previous sleep" at the base), or every caller's first retry is in step.
             low = self.initial
-            high = max(low, 3.0 * previous if previous > 0 else low)
+            high = 3.0 * (previous if previous > low else low)
             return min(self.maximum, self._rng.uniform(low, high))
         ceiling = self.ceiling(retry)
         if jitter == "full":

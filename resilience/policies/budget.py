@@ -21,10 +21,12 @@ from resilience import _clock
 from resilience._clock import SYSTEM_CLOCK, Clock, resolve
 from resilience.events import Tally, Telemetry
 
-__all__ = ["SLOTS", "BudgetWindow", "RetryBudget"]
+__all__ = ["MIN_WINDOW", "SLOTS", "BudgetWindow", "RetryBudget"]
 
 #: The window is kept as this many slots, each window / SLOTS seconds wide.
 SLOTS = 10
+#: The shortest window accepted (seconds).
+MIN_WINDOW = 0.001
 
 
 class BudgetWindow:
@@ -72,7 +74,9 @@ class BudgetWindow:
         return self.floor + self.ratio * deposits - withdrawals
 
     def try_withdraw(self, now: float) -> bool:
-        if self.balance(now) < 1.0:
+        # 1e-9 of slack: ratio * deposits is a float product (0.7 * 90 is 62.99999...),
+        # and 90 first attempts at 0.7 must allow 63 retries, not 62.
+        if self.balance(now) < 1.0 - 1e-9:
             return False
         self._withdrawals[self._slot(now)] += 1
         return True
@@ -112,6 +116,8 @@ class RetryBudget:
         ratio = _number("ratio", ratio, low=0.0, high=1.0, open_low=True)
         floor = _number("min_per_second", min_per_second, low=0.0, high=1e9, open_low=False)
         window = _number("window", window, low=0.0, high=86_400.0, open_low=True)
+        if window < MIN_WINDOW:  # slots a hair wide: now // width overflows, every call fails
+            raise ValueError(f"window must be at least {MIN_WINDOW:g} seconds, got {window!r}")
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.name = name
