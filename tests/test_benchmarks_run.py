@@ -36,6 +36,17 @@ def test_breaker_benchmark_quick_run_reports_every_target(tmp_path: pathlib.Path
     assert json.loads(out.read_text())
 
 
+def test_policies_benchmark_quick_run_reports_every_target(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = _run_quick("policies", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "not installed" not in proc.stdout, proc.stdout  # the dev extra has every peer
+    assert proc.stdout.count("(target <=") == 6  # @retry vs two peers, pipeline; sync, async
+    report: dict[str, Any] = json.loads(out.read_text())["results"]["policies"]
+    assert all(target["value"] is not None for target in report["targets"])
+    assert {"success_sync", "success_async"} == set(report["groups"])
+
+
 def test_outbox_benchmark_quick_run_reports_every_target(
     tmp_path: pathlib.Path, postgres_dsn: str, redis_url: str
 ) -> None:
