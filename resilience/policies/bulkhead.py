@@ -12,7 +12,6 @@ handed). Waiting is measured on real time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import sys
 import threading
@@ -36,11 +35,12 @@ R = TypeVar("R")
 
 
 class _Waiter:
-    """One queued caller: ``wake()`` (any thread) ends its ``wait`` (its own kind)."""
+    """One queued caller: ``wake()`` (any thread) ends its ``wait`` (its own kind), and
+    returns False when that can no longer happen (the waiter's event loop is gone)."""
 
     __slots__ = ("granted", "wait", "wake")
 
-    def __init__(self, wake: Callable[[], None], wait: Callable[..., Any]) -> None:
+    def __init__(self, wake: Callable[[], bool | None], wait: Callable[..., Any]) -> None:
         self.granted = False
         self.wake = wake
         self.wait = wait
@@ -118,23 +118,28 @@ class Bulkhead(Policy):
             return waiter
 
     def _release(self) -> None:
-        with self._lock:
-            if not self._waiters:
-                self._active -= 1
+        while True:
+            with self._lock:
+                if not self._waiters:
+                    self._active -= 1
+                    return
+                waiter = self._waiters.popleft()
+                waiter.granted = True  # the slot passes on; _active stays
+            if waiter.wake() is not False:
                 return
-            waiter = self._waiters.popleft()
-            waiter.granted = True  # the slot passes on; _active stays
-        waiter.wake()
+            # Its event loop is gone (closed, or the trio run ended): nobody will take
+            # the slot there, so it goes to the next waiter.
 
     def _give_up(self, waiter: _Waiter, waited: float, cancelled: bool) -> None:
         """A waiter leaves without its slot; if one was handed to it meanwhile, pass it
-        on (cancelled) or keep it (timed out: it may run after all)."""
+        on (cancelled) or keep it (timed out: it may run after all). Only a caller that
+        ran out of time is counted as rejected: one that went away was not refused."""
         with self._lock:
             if not waiter.granted:
                 self._waiters.remove(waiter)
-                self._rejected.add()
                 if cancelled:
                     return
+                self._rejected.add()
                 raise BulkheadFull(self.name, self.max_concurrent, waited)
         if cancelled:
             self._release()
@@ -147,7 +152,11 @@ class Bulkhead(Policy):
         if waiter is None:
             return
         start = _clock.monotonic()
-        woke = waiter.wait(timeout=-1 if self.max_wait is None else self.max_wait)
+        try:
+            woke = waiter.wait(timeout=-1 if self.max_wait is None else self.max_wait)
+        except BaseException:  # KeyboardInterrupt, or another signal handler's error
+            self._give_up(waiter, _clock.monotonic() - start, cancelled=True)
+            raise
         if woke:
             self._admitted.add()
             return
@@ -243,17 +252,23 @@ def _task_waiter() -> _Waiter:
         token = trio.lowlevel.current_trio_token()
         event = trio.Event()
 
-        def wake_trio() -> None:
-            with contextlib.suppress(trio.RunFinishedError):
+        def wake_trio() -> bool:
+            try:
                 token.run_sync_soon(event.set)
+            except trio.RunFinishedError:
+                return False
+            return True
 
         return _Waiter(wake_trio, event.wait)
     loop = asyncio.get_running_loop()
     future: asyncio.Future[None] = loop.create_future()
 
-    def wake_asyncio() -> None:
-        if not loop.is_closed():
+    def wake_asyncio() -> bool:
+        try:
             loop.call_soon_threadsafe(_resolve, future)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
 
     async def wait() -> None:
         await future

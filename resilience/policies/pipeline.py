@@ -12,15 +12,16 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 from resilience.events import Observable, Telemetry
-from resilience.policies._base import Policy, is_async
+from resilience.policies._base import Policy, check_name, is_async
 
 __all__ = ["Pipeline", "pipeline"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 def _runs_calls(member: object) -> bool:
@@ -32,15 +33,21 @@ class Pipeline(Policy):
 
     def __init__(self, *policies: Any, name: str = "pipeline") -> None:
         if not policies:
-            raise ValueError("pipeline needs at least one policy")
-        for member in policies:
-            if isinstance(member, type) or not (_runs_calls(member) or callable(member)):
+            raise ValueError("policies: a pipeline needs at least one policy, got none")
+        for position, member in enumerate(policies, 1):
+            if isinstance(member, type):
                 raise TypeError(
-                    "pipeline members are policies (Retry, Timeout, Bulkhead, Fallback, "
-                    f"CircuitBreaker, a Pipeline) or decorators, got {member!r}"
+                    f"policies: member {position} is the class {member.__name__}, not a "
+                    f"policy; pass an instance, e.g. {member.__name__}(...)"
+                )
+            if not (_runs_calls(member) or callable(member)):
+                raise TypeError(
+                    f"policies: member {position} must be a policy (Retry, Timeout, "
+                    "Bulkhead, Fallback, CircuitBreaker, a Pipeline) or a decorator, "
+                    f"got {member!r}"
                 )
         self.policies = tuple(policies)
-        self.name = name
+        self.name = check_name(name)
 
     def _chain(self, fn: Any, run_async: bool) -> Any:
         """``fn`` wrapped by every member, innermost first."""
@@ -50,6 +57,11 @@ class Pipeline(Policy):
                 inner = functools.partial(member.acall if run_async else member.call, inner)
             else:
                 inner = member(_plain(inner, run_async))
+                if not callable(inner):
+                    raise TypeError(
+                        f"pipeline member {member!r} is not a decorator: it returned "
+                        f"{inner!r} for a function"
+                    )
         return inner
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -58,7 +70,14 @@ class Pipeline(Policy):
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         return await self._chain(fn, True)(*args, **kwargs)  # type: ignore[no-any-return]
 
+    @overload
+    def __call__(self, fn: classmethod[T, P, R]) -> classmethod[T, P, R]: ...
+    @overload
+    def __call__(self, fn: staticmethod[P, R]) -> staticmethod[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
     def __call__(self, fn: Any) -> Any:
+        """Decorate a sync or async function or method; the chain is built once."""
         if isinstance(fn, (classmethod, staticmethod)) or not callable(fn):
             return super().__call__(fn)
         if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
@@ -88,15 +107,18 @@ class Pipeline(Policy):
 
 
 def _plain(inner: Any, run_async: bool) -> Any:
-    """A partial as a function a decorator can inspect (name, sync or async)."""
-    if not isinstance(inner, functools.partial):
-        return inner
+    """``inner`` as a function a decorator can inspect (its name; sync or async): a
+    limiter's decorator, say, tells an async function by ``iscoroutinefunction``."""
     if run_async:
+        if inspect.iscoroutinefunction(inner):
+            return inner
 
         async def step_async(*args: Any, **kwargs: Any) -> Any:
             return await inner(*args, **kwargs)
 
         return step_async
+    if not isinstance(inner, functools.partial):
+        return inner
 
     def step(*args: Any, **kwargs: Any) -> Any:
         return inner(*args, **kwargs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -33,14 +34,15 @@ from resilience.events import Tally, Telemetry
 from resilience.policies import deadline as _deadline
 from resilience.policies._base import Policy, check_name
 
-__all__ = ["Timeout"]
+__all__ = ["EXPIRED", "Timeout"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_RUNNING: Final = 0
-_DONE: Final = 1
-_EXPIRED: Final = 2
+#: The message of the CancelledError a Timeout's asyncio timer delivers, so code between
+#: the Timeout and the call (a breaker inside it) can tell the deadline from a caller
+#: that went away, as it can for an anyio or trio scope's deadline.
+EXPIRED: Final = "resilience.Timeout: deadline exceeded"
 # Task.uncancel() arrived in 3.11; before that the anyio path serves asyncio too.
 _NATIVE: Final = sys.version_info >= (3, 11)
 _running_loop = asyncio.events._get_running_loop  # None outside a loop, without raising
@@ -49,33 +51,44 @@ _current_task = asyncio.current_task
 
 class _Watch:
     """The calls of one Timeout in flight on one event loop, oldest first, and the one
-    timer that ends them. Touched only from that loop's thread."""
+    timer that ends them. Touched only from that loop's thread.
+
+    An entry is ``[deadline in loop time, task, expired]``; the call sets its task to
+    None when it ends, so a finished task is not kept alive until the timer comes. The
+    loop is held weakly: the Timeout's table of watches must not keep old loops alive.
+    """
 
     __slots__ = ("__weakref__", "armed", "loop", "queue")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: deque[list[Any]] = deque()  # [deadline in loop time, task, state]
+        self.loop = weakref.ref(loop)
+        self.queue: deque[list[Any]] = deque()
         self.armed = False
 
     def add(self, entry: list[Any]) -> None:
         self.queue.append(entry)
         if not self.armed:
+            loop = self.loop()
+            assert loop is not None  # it is running this call
             self.armed = True
-            self.loop.call_at(entry[0], self.fire)
+            loop.call_at(entry[0], self.fire)
 
     def fire(self) -> None:
-        queue, now = self.queue, self.loop.time()
+        loop = self.loop()
+        if loop is None:  # pragma: no cover - a loop runs its own callbacks
+            return
+        queue, now = self.queue, loop.time()
         while queue:
             entry = queue[0]
-            if entry[2] != _RUNNING:
+            task = entry[1]
+            if task is None:
                 queue.popleft()
             elif entry[0] <= now:
                 queue.popleft()
-                entry[2] = _EXPIRED
-                entry[1].cancel()
+                entry[2] = True
+                task.cancel(EXPIRED)
             else:
-                self.loop.call_at(entry[0], self.fire)
+                loop.call_at(entry[0], self.fire)
                 return
         self.armed = False
 
@@ -93,7 +106,8 @@ class Timeout(Policy):
         self._watches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Watch] = (
             weakref.WeakKeyDictionary()
         )
-        self._last: tuple[object, _Watch | None] = (None, None)  # one read: thread-safe
+        self._watches_lock = threading.Lock()  # loops in several threads add watches
+        self._last: _Watch | None = None  # the watch used last: one read, thread-safe
         self._calls = Tally()
         self._timeouts = Tally()
         self._overruns = Tally()
@@ -138,35 +152,42 @@ class Timeout(Policy):
             # FIFO order): an anyio cancel scope.
             return await self._scoped(left, now + left, fn, args, kwargs)
         task: Any = _current_task(loop)  # cancelling()/uncancel(): Python >= 3.11
-        last_loop, watch = self._last
-        if last_loop is not loop or watch is None:
+        if task is None:  # no asyncio task runs this: trio in guest mode on asyncio
+            return await self._scoped(left, now + left, fn, args, kwargs)
+        watch = self._last
+        if watch is None or watch.loop() is not loop:
             watch = self._watch(loop)
-        entry = [loop.time() + left, task, _RUNNING]
+        entry = [loop.time() + left, task, False]
         cancelling = task.cancelling()
         token = _deadline.DEADLINE.set((now + left, monotonic))
         watch.add(entry)
         try:
             result = await fn(*args, **kwargs)
         except asyncio.CancelledError:
-            if entry[2] == _EXPIRED and task.uncancel() <= cancelling:
+            if entry[2] and task.uncancel() <= cancelling:
                 self._timeouts.add()
                 raise TimeoutExceeded(self.seconds, self.name) from None
             raise
+        except BaseException:
+            if entry[2]:  # the call turned our cancellation into an error: take it back
+                task.uncancel()
+                self._timeouts.add()
+            raise
         finally:
-            if entry[2] == _RUNNING:
-                entry[2] = _DONE
+            entry[1] = None
             _deadline.DEADLINE.reset(token)
-        if entry[2] == _EXPIRED:  # the call swallowed its cancellation: still too late
+        if entry[2]:  # the call swallowed its cancellation: still too late
             task.uncancel()
             self._timeouts.add()
             raise TimeoutExceeded(self.seconds, self.name)
         return result
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> _Watch:
-        watch = self._watches.get(loop)
-        if watch is None:
-            watch = self._watches[loop] = _Watch(loop)
-        self._last = (loop, watch)
+        with self._watches_lock:
+            watch = self._watches.get(loop)
+            if watch is None:
+                watch = self._watches[loop] = _Watch(loop)
+        self._last = watch
         return watch
 
     async def _scoped(
@@ -179,12 +200,14 @@ class Timeout(Policy):
     ) -> R:
         token = _deadline.DEADLINE.set((ends, self._monotonic))
         try:
-            with anyio.move_on_after(left):
-                return await fn(*args, **kwargs)
+            with anyio.move_on_after(left) as scope:
+                result = await fn(*args, **kwargs)
         finally:
             _deadline.DEADLINE.reset(token)
-        self._timeouts.add()  # reached only when the scope cancelled the call
-        raise TimeoutExceeded(self.seconds, self.name)
+        if scope.cancel_called:  # cancelled at the deadline, or it swallowed that and returned
+            self._timeouts.add()
+            raise TimeoutExceeded(self.seconds, self.name)
+        return result
 
     # -- observing ---------------------------------------------------------------------------
 
