@@ -15,7 +15,12 @@ import asyncio
 import sys
 from typing import Any
 
-__all__ = ["cancelled_types", "deadline_expired"]
+__all__ = ["EXPIRED", "cancelled_types", "deadline_expired"]
+
+#: The message of the CancelledError a resilience Timeout's asyncio timer delivers, so
+#: code between the Timeout and the call (a breaker inside it) can tell that deadline
+#: from a caller going away, as it can an anyio or trio scope's deadline.
+EXPIRED = "resilience.Timeout: deadline exceeded"
 
 
 def cancelled_types() -> tuple[type[BaseException], ...]:
@@ -26,8 +31,11 @@ def cancelled_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def deadline_expired() -> bool:
-    """True when an enclosing cancel scope was cancelled by its deadline."""
+def deadline_expired(error: BaseException | None = None) -> bool:
+    """True when an enclosing cancel scope was cancelled by its deadline, or ``error``
+    is the cancellation a resilience Timeout delivered."""
+    if error is not None and error.args[:1] == (EXPIRED,):
+        return True
     try:
         return _trio_deadline_expired() or _asyncio_deadline_expired()
     except Exception:  # internals moved: treat as a plain cancellation

@@ -1457,3 +1457,19 @@ def test_policies_refuse_what_they_cannot_decorate() -> None:
             policy(gen)
         with pytest.raises(TypeError, match="callables"):
             policy(42)  # type: ignore[call-overload]
+
+
+async def test_a_timeout_outside_the_breaker_counts_as_its_failure(anyio_backend: str) -> None:
+    # pipeline(timeout, breaker): the breaker sees the cancellation, not TimeoutExceeded,
+    # and must still tell the deadline from a caller that went away, on both backends.
+    breaker = rs.CircuitBreaker(f"outside-{anyio_backend}", failure_threshold=2)
+    policy = rs.pipeline(rs.Timeout(0.02), breaker)
+
+    @policy
+    async def hangs() -> None:
+        await anyio.sleep(10)
+
+    for _ in range(2):
+        with pytest.raises(rs.TimeoutExceeded):
+            await hangs()
+    assert breaker.state is rs.CircuitState.OPEN

@@ -146,7 +146,7 @@ class BreakerCore:
     def _classify(self, error: BaseException, in_async: bool) -> Outcome:
         if isinstance(error, cancelled_types()):
             # A caller going away is no verdict on the dependency; a deadline is.
-            return Outcome.FAILURE if in_async and deadline_expired() else Outcome.IGNORED
+            return Outcome.FAILURE if in_async and deadline_expired(error) else Outcome.IGNORED
         if self._exclude and isinstance(error, self._exclude):
             return Outcome.IGNORED
         if isinstance(error, self._include):

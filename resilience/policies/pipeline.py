@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, overload
 
+from resilience.breaker.breaker import CircuitBreaker
 from resilience.events import Observable, Telemetry
 from resilience.policies._base import Policy, check_name, is_async
 
@@ -53,7 +54,10 @@ class Pipeline(Policy):
         """``fn`` wrapped by every member, innermost first."""
         inner = fn
         for member in reversed(self.policies):
-            if _runs_calls(member):
+            if isinstance(member, CircuitBreaker):
+                # Its own decorator: the lock-free path, where .call takes the full one.
+                inner = member(inner)
+            elif _runs_calls(member):
                 inner = functools.partial(member.acall if run_async else member.call, inner)
             else:
                 inner = member(_plain(inner, run_async))

@@ -27,6 +27,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 import anyio
 
 from resilience import _clock
+from resilience._cancel import EXPIRED
 from resilience._checks import positive_seconds
 from resilience._clock import SYSTEM_CLOCK, Clock, resolve
 from resilience.errors import TimeoutExceeded
@@ -39,14 +40,11 @@ __all__ = ["EXPIRED", "Timeout"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: The message of the CancelledError a Timeout's asyncio timer delivers, so code between
-#: the Timeout and the call (a breaker inside it) can tell the deadline from a caller
-#: that went away, as it can for an anyio or trio scope's deadline.
-EXPIRED: Final = "resilience.Timeout: deadline exceeded"
 # Task.uncancel() arrived in 3.11; before that the anyio path serves asyncio too.
 _NATIVE: Final = sys.version_info >= (3, 11)
 _running_loop = asyncio.events._get_running_loop  # None outside a loop, without raising
 _current_task = asyncio.current_task
+_thread_id = threading.get_ident
 
 
 class _Watch:
@@ -58,20 +56,17 @@ class _Watch:
     loop is held weakly: the Timeout's table of watches must not keep old loops alive.
     """
 
-    __slots__ = ("__weakref__", "armed", "loop", "queue")
+    __slots__ = ("__weakref__", "armed", "loop", "queue", "same_clock")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = weakref.ref(loop)
         self.queue: deque[list[Any]] = deque()
         self.armed = False
+        self.same_clock = False  # loop.time() is the clock the Timeout reads
 
-    def add(self, entry: list[Any]) -> None:
-        self.queue.append(entry)
-        if not self.armed:
-            loop = self.loop()
-            assert loop is not None  # it is running this call
-            self.armed = True
-            loop.call_at(entry[0], self.fire)
+    def arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        self.armed = True
+        loop.call_at(when, self.fire)
 
     def fire(self) -> None:
         loop = self.loop()
@@ -107,7 +102,8 @@ class Timeout(Policy):
             weakref.WeakKeyDictionary()
         )
         self._watches_lock = threading.Lock()  # loops in several threads add watches
-        self._last: _Watch | None = None  # the watch used last: one read, thread-safe
+        # By thread: the watch of the loop it ran last (see acall).
+        self._by_thread: dict[int, _Watch] = {}
         self._calls = Tally()
         self._timeouts = Tally()
         self._overruns = Tally()
@@ -127,7 +123,7 @@ class Timeout(Policy):
         self._calls.add()
         monotonic = self._monotonic
         now = monotonic()
-        ends = now + self._left(now)
+        ends = now + (self.seconds if _deadline.DEADLINE.get() is None else self._left(now))
         token = _deadline.DEADLINE.set((ends, monotonic))
         try:
             result = fn(*args, **kwargs)
@@ -145,8 +141,17 @@ class Timeout(Policy):
         self._calls.add()
         monotonic = self._monotonic
         now = monotonic()
-        left = self._left(now)
-        loop = _running_loop()
+        left = self.seconds if _deadline.DEADLINE.get() is None else self._left(now)
+        # The watch this thread used last, if its loop runs in this thread now (a
+        # thread runs one loop at a time): asking asyncio for the running loop costs a
+        # getpid() system call on Python 3.11. BaseEventLoop keeps the thread it runs
+        # in as _thread_id; a loop without it takes the long way every time.
+        ident = _thread_id()
+        watch = self._by_thread.get(ident)
+        loop = None if watch is None else watch.loop()
+        if loop is None or getattr(loop, "_thread_id", None) != ident:
+            loop = _running_loop()
+            watch = None
         if loop is None or not _NATIVE or left < self.seconds:
             # trio, Python 3.10, or a deadline shortened by an enclosing one (out of the
             # FIFO order): an anyio cancel scope.
@@ -154,13 +159,15 @@ class Timeout(Policy):
         task: Any = _current_task(loop)  # cancelling()/uncancel(): Python >= 3.11
         if task is None:  # no asyncio task runs this: trio in guest mode on asyncio
             return await self._scoped(left, now + left, fn, args, kwargs)
-        watch = self._last
-        if watch is None or watch.loop() is not loop:
+        if watch is None:
             watch = self._watch(loop)
-        entry = [loop.time() + left, task, False]
+        # On the stdlib loop, loop time is the monotonic clock we already read.
+        entry = [(now if watch.same_clock else loop.time()) + left, task, False]
         cancelling = task.cancelling()
         token = _deadline.DEADLINE.set((now + left, monotonic))
-        watch.add(entry)
+        watch.queue.append(entry)
+        if not watch.armed:
+            watch.arm(loop, entry[0])
         try:
             result = await fn(*args, **kwargs)
         except asyncio.CancelledError:
@@ -187,7 +194,11 @@ class Timeout(Policy):
             watch = self._watches.get(loop)
             if watch is None:
                 watch = self._watches[loop] = _Watch(loop)
-        self._last = watch
+                watch.same_clock = (
+                    self._monotonic is _clock.monotonic
+                    and type(loop).time is asyncio.BaseEventLoop.time
+                )
+        self._by_thread[_thread_id()] = watch
         return watch
 
     async def _scoped(
