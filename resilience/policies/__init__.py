@@ -7,6 +7,7 @@ from resilience.policies.budget import RetryBudget
 from resilience.policies.bulkhead import Bulkhead
 from resilience.policies.deadline import remaining
 from resilience.policies.fallback import Fallback
+from resilience.policies.fleet_budget import FleetRetryBudget
 from resilience.policies.pipeline import Pipeline, pipeline
 from resilience.policies.retry import Retry, RetryEvent
 from resilience.policies.timeout import Timeout
@@ -16,6 +17,7 @@ __all__ = [
     "Backoff",
     "Bulkhead",
     "Fallback",
+    "FleetRetryBudget",
     "Pipeline",
     "Retry",
     "RetryBudget",
