@@ -245,6 +245,9 @@ def _retry(f: _Families, name: str, r: Mapping[str, Any], created: float) -> Non
     f.counter("retry_retries", "Attempts after the first", ["policy"]).add_metric(
         [name], r["retries"], created=created
     )
+    f.counter(
+        "retry_attempts", "Attempts in all: first attempts and retries", ["policy"]
+    ).add_metric([name], r["calls"] + r["retries"], created=created)
     gave_up = f.counter("retry_gave_up", "Calls the policy stopped retrying, by reason",
                         ["policy", "reason"])  # fmt: skip
     for reason in REASONS:

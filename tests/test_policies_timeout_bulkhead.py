@@ -1348,6 +1348,7 @@ def test_metrics_export_every_member_of_a_pipeline(clock: FakeClock) -> None:
     for series in (
         'resilience_retry_calls_total{policy="rt"} 2.0',
         'resilience_retry_retries_total{policy="rt"} 1.0',
+        'resilience_retry_attempts_total{policy="rt"} 3.0',
         'resilience_timeout_calls_total{policy="to"} 3.0',
         'resilience_timeout_expired_total{policy="to"} 0.0',
         'resilience_timeout_overruns_total{policy="to"} 0.0',
