@@ -1331,3 +1331,11 @@ def test_one_retry_shared_by_threads(clock: FakeClock) -> None:
         "gave_up": {"attempts": 10 * failing, "deadline": 0, "budget": 0, "rejected": 0},
     }
     assert len(events) == retries
+
+
+def test_a_backoff_wait_beyond_a_year_is_refused() -> None:
+    # time.sleep(1e308) overflows: refused where the mistake is made.
+    with pytest.raises(ValueError, match="^maximum"):
+        rs.Backoff(initial=0.1, maximum=1e308)
+    with pytest.raises(ValueError, match="^initial"):
+        rs.Backoff(initial=1e308, maximum=1e308)

@@ -15,6 +15,11 @@ __all__ = ["JITTERS", "Backoff"]
 JITTERS: Final = ("full", "equal", "decorrelated", "none")
 
 
+#: The longest wait a backoff may ask for: a year. Past it ``time.sleep`` overflows,
+#: far from the mistake that asked for it.
+MAX_WAIT: Final = 365 * 86_400.0
+
+
 def _seconds(field: str, value: object, *, zero: bool) -> float:
     if (
         isinstance(value, bool)
@@ -25,6 +30,8 @@ def _seconds(field: str, value: object, *, zero: bool) -> float:
     ):
         what = "a number of seconds >= 0" if zero else "a positive number of seconds"
         raise ValueError(f"{field} must be {what}, got {value!r}")
+    if value > MAX_WAIT:
+        raise ValueError(f"{field} must be at most {MAX_WAIT:g} seconds (a year), got {value!r}")
     return float(value)
 
 
