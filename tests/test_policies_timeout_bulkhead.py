@@ -1390,6 +1390,7 @@ def test_timeout_rejects_a_bad_name_or_clock() -> None:
         ({"max_concurrent": "4"}, "max_concurrent"),
         ({"max_concurrent": 1, "max_wait": -1}, "max_wait"),
         ({"max_concurrent": 1, "max_wait": math.nan}, "max_wait"),
+        ({"max_concurrent": 1, "max_wait": 1e308}, "max_wait"),
         ({"max_concurrent": 1, "max_wait": math.inf}, "max_wait"),
         ({"max_concurrent": 1, "max_wait": True}, "max_wait"),
         ({"max_concurrent": 1, "max_wait": "1"}, "max_wait"),

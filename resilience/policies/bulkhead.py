@@ -34,6 +34,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+#: The longest max_wait: a year (a thread's lock wait overflows near 9.2e9 seconds).
+_MAX_WAIT = 365 * 86_400.0
+
+
 class _Waiter:
     """One queued caller: ``wake()`` (any thread) ends its ``wait`` (its own kind), and
     returns False when that can no longer happen (the waiter's event loop is gone)."""
@@ -69,10 +73,11 @@ class Bulkhead(Policy):
         if max_wait is not None and (
             isinstance(max_wait, bool)
             or not isinstance(max_wait, (int, float))
-            or not (math.isfinite(max_wait) and max_wait >= 0)
+            or not (math.isfinite(max_wait) and 0 <= max_wait <= _MAX_WAIT)
         ):
             raise ValueError(
-                f"max_wait must be None (no limit) or a number of seconds >= 0, got {max_wait!r}"
+                "max_wait must be None (no limit) or a number of seconds from 0 to a year, "
+                f"got {max_wait!r}"
             )
         if max_queue is not None and (
             isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0
