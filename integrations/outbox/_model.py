@@ -167,6 +167,9 @@ class Backoff:
 
 
 _RANDOM: Final = random.Random()
+# json.dumps() with options builds an encoder per call; headers (the trace context on
+# every traced event) reuse one.
+_HEADERS_JSON: Final = json.JSONEncoder(separators=(",", ":"))
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
@@ -220,7 +223,7 @@ def encode_event(
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
         ):
             raise TypeError("headers must be a mapping of str to str")
-        head = json.dumps(dict(headers), separators=(",", ":"))
+        head = _HEADERS_JSON.encode(dict(headers))
     if event_id is None:
         eid = str(uuid.uuid4())
     else:

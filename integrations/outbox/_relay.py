@@ -38,6 +38,7 @@ from resilience.limiter import TokenBucket
 
 __all__ = [
     "BatchResult",
+    "Delivered",
     "Plan",
     "PublisherBase",
     "ReplayResult",
@@ -79,6 +80,21 @@ class BatchResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Delivered:
+    """How long the events one batch published took from enqueue to the broker.
+
+    ``delays`` holds a ``(topic, seconds)`` pair per published event: the broker's
+    acknowledgement minus the row's ``created`` stamp (the insert, a moment before its
+    transaction commits; on PostgreSQL the database's clock), so an event's ``delay=``,
+    its backoffs and outages count. Only listeners that ask for it by type
+    (``add_listener(fn, only=(Delivered,))``) get it, and only then is it measured.
+    """
+
+    publisher: str
+    delays: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ReplayResult:
     replayed: int
     #: Why the replay stopped before running out of dead rows, or None.
@@ -93,6 +109,8 @@ class Plan:
     failures: list[RowFailure] = dataclasses.field(default_factory=list)
     outage: BaseException | None = None
     poison: int = 0
+    #: (topic, seconds since created) per published event, when a listener wants them.
+    delays: tuple[tuple[str, float], ...] = ()
 
 
 _HOST: Final = socket.gethostname()
@@ -158,6 +176,9 @@ class PublisherBase:
         )
         self._random = random_source or random.Random()
         self._events: Dispatcher[Any] = Dispatcher(listeners)
+        # Delivered goes to its own listeners only, so measuring it costs nothing unless
+        # someone asked, and listeners of every event keep hearing what they always did.
+        self._deliveries: Dispatcher[Delivered] = Dispatcher()
         # Totals for metrics, read at scrape time: a few integers per batch, not per row.
         self._totals = dict.fromkeys(_TOTALS, 0)
         self._totals_lock = threading.Lock()
@@ -174,7 +195,14 @@ class PublisherBase:
         """What a metrics consumer reads (resilience.events). Asking for it makes run()
         read the store's figures every ``stats_interval``, as a listener would."""
         self._watched = True
-        return Telemetry("outbox", self.name, self._read, links=(self.breaker,))
+        return Telemetry(
+            "outbox",
+            self.name,
+            self._read,
+            listen=self.add_listener,
+            timed=(Delivered,),
+            links=(self.breaker,),
+        )
 
     def _read(self) -> dict[str, Any]:
         with self._totals_lock:
@@ -202,7 +230,13 @@ class PublisherBase:
     def add_listener(
         self, listener: Listener[Any], *, only: tuple[type, ...] | None = None
     ) -> None:
-        """Receive a :class:`BatchResult` per batch and :class:`OutboxStats` per stats read."""
+        """Receive a :class:`BatchResult` per batch and :class:`OutboxStats` per stats read;
+        with ``only=(Delivered,)``, a :class:`Delivered` per batch that published."""
+        if only is not None and any(isinstance(t, type) and issubclass(Delivered, t) for t in only):
+            self._deliveries.add(listener, (Delivered,))
+            only = tuple(t for t in only if t is not Delivered)
+            if not only:
+                return
         self._events.add(listener, only)
 
     @property
@@ -242,6 +276,8 @@ class PublisherBase:
             text = f"{kind.value}: {type(error).__name__}: {error}"
             delay = 0.0 if dead else self.backoff.delay(attempts, self._random)
             plan.failures.append(RowFailure(event.id, text, delay, dead))
+        if self._deliveries and plan.published:
+            plan.delays = self._delays(events, results)
         dead_rows = [f for f in plan.failures if f.dead]
         if dead_rows:
             # One line a batch: a poisoned topic must not flood the log.
@@ -254,6 +290,16 @@ class PublisherBase:
                 dead_rows[0].error,
             )
         return plan
+
+    def _delays(
+        self, events: Sequence[OutboxEvent], results: Sequence[BaseException | None]
+    ) -> tuple[tuple[str, float], ...]:
+        now = self._clock.time()
+        return tuple(
+            (event.topic, max(0.0, now - event.created))
+            for event, error in zip(events, results, strict=True)
+            if error is None
+        )
 
     def _result(
         self, events: Sequence[OutboxEvent], plan: Plan, probe: bool, written: int

@@ -7,7 +7,8 @@ import abc
 import functools
 import importlib.resources
 import json
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
@@ -15,8 +16,9 @@ import anyio.to_thread
 
 from resilience import clock as _clock
 from resilience.integrations.outbox._model import OutboxEvent, decode_headers, encode_event
+from resilience.integrations.outbox._trace import current_headers
 
-__all__ = ["StoreBase", "Tx", "by_id", "decode_event", "read_ddl"]
+__all__ = ["StoreBase", "Tx", "by_id", "decode_event", "is_sqlalchemy", "read_ddl"]
 
 T = TypeVar("T")
 
@@ -56,6 +58,14 @@ def decode_event(row: tuple[Any, ...]) -> OutboxEvent:
 
 def by_id(event: OutboxEvent) -> int:
     return event.id
+
+
+def is_sqlalchemy(conn: object) -> bool:
+    """A SQLAlchemy session or connection (or a subclass of one), told without importing
+    SQLAlchemy: a process that never imported it cannot have one."""
+    return "sqlalchemy" in sys.modules and any(
+        cls.__module__.startswith("sqlalchemy.") for cls in type(conn).__mro__
+    )
 
 
 class StoreBase(abc.ABC):
@@ -98,6 +108,19 @@ class StoreBase(abc.ABC):
     async def _ainsert(self, conn: Any, row: dict[str, Any]) -> None:
         self._insert(conn, row)
 
+    def _insert_sqlalchemy(self, conn: Any, row: dict[str, Any]) -> None:
+        """Run the insert on a SQLAlchemy ``Session`` or ``Connection``."""
+        from resilience.integrations.outbox import sqlalchemy as sa_outbox
+
+        sa_outbox.insert(self, conn, row)
+
+    async def _ainsert_sqlalchemy(self, conn: Any, row: dict[str, Any]) -> None:
+        """Run the insert on a SQLAlchemy ``AsyncSession`` or ``AsyncConnection`` (or a
+        sync one)."""
+        from resilience.integrations.outbox import sqlalchemy as sa_outbox
+
+        await sa_outbox.ainsert(self, conn, row)
+
     def _ids(self, ids: Sequence[int]) -> Any:
         """Ids as the dialect binds a list (a JSON array for SQLite, an array for psycopg)."""
         return json.dumps([int(i) for i in ids])
@@ -124,6 +147,14 @@ class StoreBase(abc.ABC):
         self, topic: object, key: object, payload: object, headers: object, event_id: object,
         delay: object,
     ) -> dict[str, Any]:  # fmt: skip
+        # The active span's W3C context travels in the headers, written in this same
+        # transaction; headers the caller gives win. None (at once) without OpenTelemetry.
+        trace = current_headers()
+        if trace is not None:
+            if headers is None:
+                headers = trace
+            elif isinstance(headers, Mapping):
+                headers = {**trace, **headers}
         eid, topic_, key_, body, head = encode_event(topic, key, payload, headers, event_id)
         if isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0:
             raise ValueError(f"delay must be a number of seconds >= 0, got {delay!r}")

@@ -16,6 +16,7 @@ from resilience.breaker import CircuitState, Permit
 from resilience.integrations.outbox._model import OutboxStats
 from resilience.integrations.outbox._relay import (
     BatchResult,
+    Delivered,
     Plan,
     PublisherBase,
     ReplayResult,
@@ -67,6 +68,8 @@ class SyncPublisherOps(PublisherBase):
             written += self.store.release(token, plan.released, self._outage_delay(plan))
             written += self.store.release(token, plan.held)
             written += self.store.fail(token, plan.failures)
+        if plan.delays:
+            self._deliver(plan.delays)
         return self._emit(self._result(events, plan, probe, written))
 
     def _settle(self, permit: Permit, plan: Plan) -> None:
@@ -131,6 +134,10 @@ class SyncPublisherOps(PublisherBase):
                 return ReplayResult(total)
 
     # -- events --------------------------------------------------------------------------
+
+    def _deliver(self, delays: tuple[tuple[str, float], ...]) -> None:
+        self._deliveries.queue.append(Delivered(self.name, delays))
+        self._deliveries.drain()
 
     def _emit(self, event: Ev) -> Ev:
         self._tally(event)

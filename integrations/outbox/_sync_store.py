@@ -18,7 +18,7 @@ from resilience.integrations.outbox._model import (
     positive,
     positive_int,
 )
-from resilience.integrations.outbox._sql import StoreBase, by_id, decode_event
+from resilience.integrations.outbox._sql import StoreBase, by_id, decode_event, is_sqlalchemy
 
 __all__ = ["SyncOutboxStore", "SyncStoreOps"]
 
@@ -61,10 +61,18 @@ class SyncStoreOps(StoreBase):
         Never commits: the event becomes visible to relays when the caller commits, and
         vanishes with a rollback. Bad input raises before any SQL runs. Returns the event
         id (a UUID string). The async form takes the driver's async connection where it
-        has one (``psycopg.AsyncConnection``).
+        has one (``psycopg.AsyncConnection``). ``conn`` may also be a SQLAlchemy
+        ``Session`` or ``Connection`` (``AsyncSession`` or ``AsyncConnection`` for the
+        async form) on the store's database: the event joins its transaction.
+
+        When OpenTelemetry is in use and a span is active, its W3C ``traceparent`` (and
+        ``tracestate``) go into the headers, unless ``headers`` names them itself.
         """
         row = self._row(topic, key, payload, headers, event_id, delay)
-        self._insert(conn, row)
+        if is_sqlalchemy(conn):
+            self._insert_sqlalchemy(conn, row)
+        else:
+            self._insert(conn, row)
         return str(row["eid"])
 
     # -- the relay's side ----------------------------------------------------------------

@@ -8,16 +8,22 @@ is skipped, and a rolled-back attempt leaves no record, so the retry runs the wo
 >>> with conn:                                        # the consumer's transaction
 ...     if inbox.first_time(conn, message["event_id"]):
 ...         apply(message)
+
+``inbox.consume(conn, event_id, headers)`` does the same inside an OpenTelemetry consumer
+span that continues the trace the producer's ``enqueue`` stamped into the headers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from resilience import clock as _clock
 from resilience.integrations.outbox._model import check_identifier, positive
 from resilience.integrations.outbox._sql import read_ddl
+from resilience.integrations.outbox._trace import consumer_span
 
 __all__ = ["Inbox"]
 
@@ -27,6 +33,8 @@ class Inbox:
 
     Works on ``sqlite3`` and ``psycopg`` connections (sync), and ``psycopg``
     async connections through the ``a``-prefixed methods. Never commits.
+    ``tracer_provider`` is the OpenTelemetry provider for :meth:`consume`'s spans (the
+    global one by default).
     """
 
     def __init__(
@@ -36,6 +44,7 @@ class Inbox:
         table: str = "resilience_inbox",
         schema: str | None = None,
         clock: _clock.Clock | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         if not isinstance(consumer, str) or not consumer:
             raise ValueError(f"consumer must be a non-empty str, got {consumer!r}")
@@ -46,6 +55,7 @@ class Inbox:
         self.table = table
         self.qualified = f"{schema}.{table}" if schema else table
         self._clock = _clock.resolve(clock)
+        self.tracer_provider = tracer_provider
 
     def __repr__(self) -> str:
         return f"Inbox(consumer={self.consumer!r}, table={self.qualified!r})"
@@ -102,6 +112,48 @@ class Inbox:
         sql, params = self._record(conn, event_id)
         cursor = await conn.execute(sql, params)
         return bool(cursor.rowcount == 1)
+
+    @contextlib.contextmanager
+    def consume(
+        self, conn: Any, event_id: str, headers: object = None, *, topic: str | None = None
+    ) -> Iterator[bool]:
+        """:meth:`first_time` for the block's work, inside a consumer span when
+        OpenTelemetry is in use: a child of the producer's span (from ``traceparent`` in
+        ``headers``) or, within a span of your own, a link to it. ``headers`` are the
+        delivered message's, in its broker's form (see ``trace_carrier``). Yields True
+        the first time; an exception in the block is recorded on the span.
+
+        >>> with conn, inbox.consume(conn, msg.event_id, msg.headers, topic=msg.topic) as first:
+        ...     if first:
+        ...         apply(msg)
+        """
+        with consumer_span(
+            headers,
+            consumer=self.consumer,
+            event_id=str(event_id),
+            topic=topic,
+            tracer_provider=self.tracer_provider,
+        ) as span:
+            first = self.first_time(conn, event_id)
+            if span is not None:
+                span.set_attribute("resilience.inbox.duplicate", not first)
+            yield first
+
+    @contextlib.asynccontextmanager
+    async def aconsume(
+        self, conn: Any, event_id: str, headers: object = None, *, topic: str | None = None
+    ) -> AsyncIterator[bool]:
+        with consumer_span(
+            headers,
+            consumer=self.consumer,
+            event_id=str(event_id),
+            topic=topic,
+            tracer_provider=self.tracer_provider,
+        ) as span:
+            first = await self.afirst_time(conn, event_id)
+            if span is not None:
+                span.set_attribute("resilience.inbox.duplicate", not first)
+            yield first
 
     def purge(self, conn: Any, older_than: float) -> int:
         """Forget ids recorded more than ``older_than`` seconds ago (longer than any

@@ -22,6 +22,7 @@ import threading
 from resilience.integrations.outbox._async_publisher import AsyncPublisherOps
 from resilience.integrations.outbox._relay import (
     BatchResult,
+    Delivered,
     ReplayResult,
     Sleeper,
     Waker,
@@ -29,7 +30,7 @@ from resilience.integrations.outbox._relay import (
 )
 from resilience.integrations.outbox._sync_publisher import SyncPublisherOps
 
-__all__ = ["BatchResult", "OutboxPublisher", "ReplayResult"]
+__all__ = ["BatchResult", "Delivered", "OutboxPublisher", "ReplayResult"]
 
 
 class OutboxPublisher(SyncPublisherOps, AsyncPublisherOps):
