@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Final
 
 import anyio.to_thread
 
-from resilience import _clock
+from resilience.clock import SYSTEM_CLOCK
 from resilience.integrations.outbox._model import (
     BrokerUnavailable,
     EventRejected,
@@ -245,7 +245,7 @@ class KafkaBroker:
     # -- one batch ------------------------------------------------------------------------
 
     def _publish(self, events: Sequence[OutboxEvent]) -> Results:
-        deadline = _clock.monotonic() + self.timeout
+        deadline = SYSTEM_CLOCK.monotonic() + self.timeout
         ready, results = encode_batch(events, self._encode)
         if not ready:
             return results
@@ -278,7 +278,7 @@ class KafkaBroker:
         deadline: float,
     ) -> str | None:
         """Produce and wait; the reason when the broker refused idempotence, else None."""
-        left = deadline - _clock.monotonic()
+        left = deadline - SYSTEM_CLOCK.monotonic()
         if left <= 0:
             error = TimeoutError("the batch used up its timeout before it was sent")
             for index, _ in ready:
@@ -340,7 +340,7 @@ class KafkaBroker:
         """Flush until every sent record has its report; True when some have none."""
         probing = self.idempotent and not self._confirmed
         while True:
-            left = max(0.0, deadline - _clock.monotonic())  # flush(-1) would wait forever
+            left = max(0.0, deadline - SYSTEM_CLOCK.monotonic())  # flush(-1) would wait forever
             try:
                 remaining = producer.flush(min(left, _SLICE) if probing else left)
             except Exception as error:  # a fatal error surfaces from flush()
