@@ -5,6 +5,8 @@ Groups:
 a. raw ASGI calls, no network: ``GET /`` on a Starlette app with one
    ``PlainTextResponse("ok")`` route, called directly on one asyncio event loop, bare
    and behind each rate-limit middleware; the middleware's cost is the case minus bare.
+   "ours response cache" is ResponseCacheMiddleware answering every request from a
+   stored entry; its target is a hit's added cost at most 1.0x the bare response's time.
    a2 takes our middleware over a minimal ASGI app (no Starlette) and times its steps
    (key function, limiter decision, header fields) alone, to show where the time goes.
 b. load: each app served by uvicorn in its own child process on a loopback port, driven
@@ -106,6 +108,7 @@ OURS_ALL: Final = "ours, all three"
 #: The cases of the load run (each is one uvicorn child process).
 LOAD_CASES: Final = (BARE, OURS, OURS_CACHE, OURS_BREAKER, OURS_ALL, SLOWAPI_ASGI)
 TARGET: Final = 0.05  # our added cost / slowapi ASGI's added cost
+HIT_TARGET: Final = 1.0  # a cache hit's added cost / the bare response's own time
 SERVER_LIFETIME: Final = 120.0  # seconds; a server exits by itself after this
 START_TIMEOUT: Final = 30.0  # seconds for a server to answer its first request
 CASE_TIMEOUT: Final = 60.0  # seconds for one case's requests in one round
@@ -314,7 +317,7 @@ SLOWAPI_FIELDS: Final = (b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-rat
 
 def raw_calls(peers: dict[str, Any], s: Settings) -> Group:
     group = Group("a. raw ASGI calls, GET / on Starlette", "ns/request", {}, BARE, SLOWAPI_ASGI)
-    cases = [BARE, OURS, OURS_NO_HEADERS]
+    cases = [BARE, OURS, OURS_NO_HEADERS, OURS_CACHE]
     if "slowapi" in peers:
         cases += [SLOWAPI_ASGI, SLOWAPI_ASGI_HEADERS, SLOWAPI_BASE]
     else:
@@ -324,6 +327,7 @@ def raw_calls(peers: dict[str, Any], s: Settings) -> Group:
         BARE: (OUR_FIELDS + SLOWAPI_FIELDS, True),
         OURS: (OUR_FIELDS, False),
         OURS_NO_HEADERS: (OUR_FIELDS, True),
+        OURS_CACHE: (OUR_FIELDS, True),
         SLOWAPI_ASGI: (SLOWAPI_FIELDS, True),
         SLOWAPI_ASGI_HEADERS: (SLOWAPI_FIELDS, False),
         SLOWAPI_BASE: (SLOWAPI_FIELDS, True),
@@ -332,6 +336,8 @@ def raw_calls(peers: dict[str, Any], s: Settings) -> Group:
         for name, app in apps.items():
             fields, absent = expected[name]
             _expect(name, loop.run_until_complete(_one(app)), fields, absent)
+        # The first request stored the response: from here on every one is a hit.
+        _expect(OURS_CACHE, loop.run_until_complete(_one(apps[OURS_CACHE])), (b"age",), False)
         loops = {name: request_loop(name, app, _settle_slowapi(app)) for name, app in apps.items()}
         group.results = measure_async_in(loop, loops, s)
     group.notes += [
@@ -343,6 +349,8 @@ def raw_calls(peers: dict[str, Any], s: Settings) -> Group:
         " set-up); headers_enabled=False (its default) unless 'headers on'",
         "every middleware is the app's only user middleware (inside Starlette's"
         " ServerErrorMiddleware, outside its ExceptionMiddleware and router)",
+        f"{OURS_CACHE}: ResponseCacheMiddleware(TwoTierCache(), ttl=300), local tier only;"
+        " every timed request is a hit (it carries Age), so the router and endpoint never run",
         "limits' MemoryStorage expiry timer is joined after each slowapi loop, untimed",
     ]
     return group
@@ -684,6 +692,18 @@ def load_run(peers: dict[str, Any], quick: bool) -> tuple[Group, Group]:
 # -- entry point --------------------------------------------------------------------------
 
 
+def _hit_target(group: Group) -> TargetResult:
+    """A cache hit's added cost over the bare Starlette response, as a share of that
+    response's own time, paired by round: (hit - bare) / bare."""
+    hit, bare = group.results.get(OURS_CACHE), group.results.get(BARE)
+    value = None
+    if hit is not None and bare is not None:
+        pairs = zip(hit.samples, bare.samples, strict=True)
+        value = statistics.median((h - b) / b for h, b in pairs if b > 0)
+    label = "cache hit added ns/request vs the bare response's ns"
+    return TargetResult(label, OURS_CACHE, BARE, HIT_TARGET, value)
+
+
 def _overheads(group: Group) -> tuple[list[str], dict[str, float | None]]:
     lines = ["added per request (median over rounds of case - bare in the same round):"]
     added: dict[str, float | None] = {}
@@ -744,6 +764,7 @@ def main(quick: bool) -> dict[str, Any]:
             )
         else:
             targets.append(TargetResult("added ns/request", OURS, peer, TARGET, None))
+    targets.append(_hit_target(raw))
     print("\n## targets (paired ratio of added cost: (case - bare) / (peer - bare) per round)")
     for target in targets:
         print_target(target)

@@ -550,12 +550,15 @@ def cached_pair(
 ) -> Iterator[Callable[..., Pair]]:
     kind: str = request.param
     url = prefix = ""
+    # The responses here carry no freshness information, which RFC 9111 stores for no
+    # time at all; ttl is the explicit opt-in lifetime these leak checks run under.
     if kind == "redis":
         url = request.getfixturevalue("redis_url")
         prefix = request.getfixturevalue("redis_prefix")
     clients: list[httpx.Client] = []
 
     def start(routes: Sequence[BaseRoute], **options: Any) -> Pair:
+        options.setdefault("ttl", 60.0)
         stores = Stores()
         servers: list[UvicornServer] = []
         if kind == "local":
@@ -769,14 +772,16 @@ def test_cache_never_stores_post(serve: Callable[..., UvicornServer]) -> None:
 
     app = make_app(
         [Route("/echo", echo, methods=["GET", "POST"])],
-        [Middleware(ResponseCacheMiddleware, cache=rs.TwoTierCache())],
+        [Middleware(ResponseCacheMiddleware, cache=rs.TwoTierCache(), ttl=60.0)],
     )
     server = serve(app)
     with http(server) as client:
         assert client.get("/echo").text == "GET 1"
-        assert [client.post("/echo").text for _ in range(2)] == ["POST 1", "POST 2"]
-        assert client.get("/echo").text == "GET 1"  # the GET entry is still there ...
-        assert client.post("/echo").text == "POST 3"  # ... and never answers a POST
+        assert client.get("/echo").text == "GET 1"  # stored ...
+        assert client.post("/echo").text == "POST 1"  # ... never answers a POST ...
+        # ... and a successful POST invalidates it (RFC 9111 section 4.4)
+        assert [client.get("/echo").text for _ in range(2)] == ["GET 2", "GET 2"]
+        assert client.post("/echo").text == "POST 2"
 
 
 def test_cache_does_not_store_bodies_over_max_body(serve: Callable[..., UvicornServer]) -> None:
@@ -798,7 +803,7 @@ def test_cache_does_not_store_bodies_over_max_body(serve: Callable[..., UvicornS
 
     app = make_app(
         [Route("/sized/{size}", sized), Route("/stream", streamed)],
-        [Middleware(ResponseCacheMiddleware, cache=rs.TwoTierCache(), max_body=16)],
+        [Middleware(ResponseCacheMiddleware, cache=rs.TwoTierCache(), ttl=60.0, max_body=16)],
     )
     server = serve(app)
     with http(server) as client:
@@ -880,7 +885,8 @@ def test_unkeyed_forwarded_host_is_safe_with_vary(serve: Callable[..., UvicornSe
         )
 
     app = make_app(
-        [Route("/", page)], [Middleware(ResponseCacheMiddleware, cache=rs.TwoTierCache())]
+        [Route("/", page)],
+        [Middleware(ResponseCacheMiddleware, cache=rs.TwoTierCache(), ttl=60.0)],
     )
     server = serve(app)
     with http(server, headers={"host": "app.test"}) as client:
@@ -898,7 +904,7 @@ def test_weak_etag_from_the_app_validates(serve: Callable[..., UvicornServer]) -
     calls: Counter[str] = Counter()
     app = make_app(
         [Route("/", counting(calls, "root", etag='W/"v1"'))],
-        [Middleware(ResponseCacheMiddleware, cache=rs.TwoTierCache())],
+        [Middleware(ResponseCacheMiddleware, cache=rs.TwoTierCache(), ttl=60.0)],
     )
     server = serve(app)
     with http(server) as client:
@@ -970,7 +976,7 @@ def test_cached_responses_do_not_replay_another_clients_ratelimit_fields(
     app.add_middleware(
         RateLimitMiddleware, limiter=rs.TokenBucket(SLOW, 10), key=header("x-api-key")
     )
-    app.add_middleware(ResponseCacheMiddleware, cache=rs.TwoTierCache())
+    app.add_middleware(ResponseCacheMiddleware, cache=rs.TwoTierCache(), ttl=60.0)
     app.add_middleware(CircuitBreakerMiddleware, breaker=rs.CircuitBreaker("design-order"))
     server = serve(app)
     with http(server) as client:
@@ -1046,7 +1052,7 @@ def full_stack(
     middleware = [
         Middleware(ContextMiddleware, seen=seen),
         Middleware(CircuitBreakerMiddleware, breaker=breaker or rs.CircuitBreaker("stack")),
-        Middleware(ResponseCacheMiddleware, cache=cache or rs.TwoTierCache()),
+        Middleware(ResponseCacheMiddleware, cache=cache or rs.TwoTierCache(), ttl=60.0),
         Middleware(RateLimitMiddleware, limiter=rs.TokenBucket(SLOW, capacity), key=key),
     ]
     return Starlette(routes=list(routes), middleware=middleware, lifespan=lifespan)

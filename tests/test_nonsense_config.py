@@ -71,7 +71,8 @@ CASES = [
     *[("TokenBucket.capacity", v) for v in [0, -1, NAN, INF, True, "1", None]],
     *[("CircuitBreaker.recovery_timeout", v) for v in [0, -1, NAN, INF, True, "1"]],
     *[("CircuitBreaker.failure_threshold", v) for v in [0, -1, 1.5, True, "5"]],
-    *[("ResponseCacheMiddleware.ttl", v) for v in BAD_SECONDS],
+    # None is the default: no lifetime for responses without freshness (RFC 9111).
+    *[("ResponseCacheMiddleware.ttl", v) for v in BAD_SECONDS if v is not None],
     *[("client_ip.ipv6_prefix", v) for v in [True, False, 0, 129, -1, 64.0, "64"]],
     *[("client_ip.trusted_hops", v) for v in [True, -1, 1.5, "1", NAN]],
 ]
