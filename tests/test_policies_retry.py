@@ -1335,7 +1335,7 @@ def test_one_retry_shared_by_threads(clock: FakeClock) -> None:
 
 def test_a_backoff_wait_beyond_a_year_is_refused() -> None:
     # time.sleep(1e308) overflows: refused where the mistake is made.
-    with pytest.raises(ValueError, match="^maximum"):
+    with pytest.raises(ValueError, match=r"^maximum"):
         rs.Backoff(initial=0.1, maximum=1e308)
-    with pytest.raises(ValueError, match="^initial"):
+    with pytest.raises(ValueError, match=r"^initial"):
         rs.Backoff(initial=1e308, maximum=1e308)
