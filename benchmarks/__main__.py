@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 # The one place that says which benchmarks exist, in the order they run.
-MODULES: Final = ("breaker", "limiter", "cache", "asgi", "outbox", "policies")
+MODULES: Final = ("breaker", "limiter", "cache", "asgi", "outbox", "policies", "httpx", "shedding")
 
 BenchMain = Callable[[bool], dict[str, Any]]
 

@@ -33,14 +33,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Modules that import an extra's library at import time, and that extra.
+# Modules that import an extra's library at import time, and that extra (a package
+# covers its modules).
 NEEDS_EXTRA_AT_IMPORT = {
     "resilience.integrations.outbox.rabbitmq": "rabbitmq",
     "resilience.integrations.outbox.nats": "nats",
+    "resilience.integrations.outbox.kafka": "kafka",
+    "resilience.integrations.outbox.sqlalchemy": "sqlalchemy",
+    "resilience.integrations.httpx": "httpx",
 }
 # Libraries that must be missing from the fresh venv, or the checks above prove nothing:
 # each extra's, and sniffio/trio (the core must not need them).
-MUST_BE_ABSENT = ["aio_pika", "httpx", "msgpack", "nats", "psycopg", "sniffio", "starlette", "trio"]
+MUST_BE_ABSENT = [
+    "aio_pika", "confluent_kafka", "httpx", "msgpack", "nats", "opentelemetry", "psycopg",
+    "sniffio", "sqlalchemy", "starlette", "trio",
+]  # fmt: skip
 # setuptools' banner for a folder of data files that is not a declared package.
 BUILD_WARNINGS = ["Package would be ignored", "is absent from the `packages` configuration"]
 
@@ -80,6 +87,21 @@ use("MsgpackSerializer()", MsgpackSerializer)
 # Construction names the missing extra before any connection is tried.
 use("PostgresOutboxStore(dsn)",
     lambda: PostgresOutboxStore("postgresql://127.0.0.1:1/none").create_schema())
+
+def plain_enqueue():
+    # No OpenTelemetry, no SQLAlchemy: enqueue and claim as ever, no trace headers.
+    import sqlite3, tempfile
+    from resilience.integrations.outbox import SqliteOutboxStore
+    path = pathlib.Path(tempfile.mkdtemp()) / "outbox.db"
+    store = SqliteOutboxStore(path)
+    store.create_schema()
+    with sqlite3.connect(path) as conn:
+        store.enqueue(conn, topic="t", payload=1)
+    (event,) = store.claim("probe", 10, 30.0)
+    assert dict(event.headers) == {}, event.headers
+    store.close()
+
+use("enqueue without the extras", plain_enqueue)
 out["present"] = [m for m in MUST_BE_ABSENT if importlib.util.find_spec(m) is not None]
 
 async def flight():
@@ -261,7 +283,14 @@ def main(argv: list[str] | None = None) -> int:
             f"differ: {sorted(set(out['modules']) ^ expected_modules)}",
         )
         for name, error in sorted(out["modules"].items()):
-            extra = NEEDS_EXTRA_AT_IMPORT.get(name)
+            extra = next(
+                (
+                    x
+                    for m, x in NEEDS_EXTRA_AT_IMPORT.items()
+                    if name == m or name.startswith(m + ".")
+                ),
+                None,
+            )
             if extra is None:
                 report.check(error is None, f"import {name}", str(error))
             else:
@@ -271,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"import {name} raises ImportError naming {hint}",
                     str(error),
                 )
+        report.check(
+            out["uses"].get("enqueue without the extras") is None,
+            "enqueue and claim work without SQLAlchemy and OpenTelemetry",
+            str(out["uses"].get("enqueue without the extras")),
+        )
         for label, extra in (
             ("MsgpackSerializer()", "msgpack"),
             ("PostgresOutboxStore(dsn)", "postgres"),

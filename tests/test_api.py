@@ -62,6 +62,9 @@ def test_every_sync_method_has_an_async_twin_and_back() -> None:
         "by_key",
         "stop",
         "telemetry",  # reads plain numbers, never waits
+        "copy",  # makes a breaker like this one, never waits
+        "consume",  # the inbox: context managers, sync and async
+        "aconsume",
         # the sync loop; `run` is its async twin, the name DESIGN.md gives it
         "run_blocking",
     }

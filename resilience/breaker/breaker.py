@@ -164,6 +164,26 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.name!r}, state={self._policy.state.value})"
 
+    def copy(self, name: str) -> CircuitBreaker:
+        """A new breaker called ``name``, configured like this one: the same thresholds,
+        timeouts, rate rules, ``include``/``exclude``, ``fail_on_result``, clock and store
+        (a store shares the copy's state under its own name). It starts closed, with no
+        counts, in the normal mode; listeners are not copied (add them to the copy)."""
+        settings = {
+            field.name: getattr(self.config, field.name)
+            for field in dataclasses.fields(self.config)
+            if field.name != "name"
+        }
+        return CircuitBreaker(
+            name,
+            **settings,
+            include=self._include,
+            exclude=self._exclude,
+            fail_on_result=self._fail_on_result,
+            clock=self._clock,
+            store=self.store,
+        )
+
     # -- listeners -----------------------------------------------------------------------
 
     def add_listener(
