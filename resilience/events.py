@@ -50,10 +50,13 @@ Listener = Callable[[E], "Awaitable[None] | None"]
 #: ``retry``: calls, retries, gave_up {reason: n}; ``budget``: deposits, withdrawals,
 #: exhausted, balance; ``timeout``: calls, timeouts, overruns; ``bulkhead``: admitted,
 #: rejected, active, waiting, max_concurrent; ``fallback``: calls, fallbacks;
-#: ``pipeline``: nothing of its own (its members are its links).
+#: ``pipeline``: nothing of its own (its members are its links); ``concurrency`` (an
+#: adaptive limit): limit, in_flight, waiting, admitted, rejected, dropped, partitions
+#: {name: {limit, in_flight}}; ``hedge``: calls, hedges, wins, refused.
 KINDS = (
     "breaker", "limiter", "backend", "cache", "outbox",
     "retry", "budget", "timeout", "bulkhead", "fallback", "pipeline",
+    "concurrency", "hedge",
 )  # fmt: skip
 
 

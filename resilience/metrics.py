@@ -41,6 +41,13 @@ _FAILURE_CLASSES: Final = ("outage", "poison", "unknown")
 _LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+# An outbox delivery takes a poll interval when all is well, and an outage when not.
+_DELAY_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0,
+)  # fmt: skip
+#: Topics with a series of their own per outbox; later ones share ``topic="_other"``.
+MAX_OUTBOX_TOPICS: Final = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +89,10 @@ class Metrics:
             "cache_load_duration_seconds", "Loader call duration", ["cache"],
             namespace=namespace, registry=registry, buckets=_LATENCY_BUCKETS,
         )  # fmt: skip
+        self.outbox_delivery_delay = Histogram(
+            "outbox_delivery_delay_seconds", "Seconds from enqueue to the broker taking the event",
+            ["outbox", "topic"], namespace=namespace, registry=registry, buckets=_DELAY_BUCKETS,
+        )  # fmt: skip
         registry.register(_Scrape(self))
 
     # -- what to watch -------------------------------------------------------------------
@@ -105,6 +116,10 @@ class Metrics:
             self.watch(*telemetry.links)
 
     def _histogram(self, telemetry: Telemetry) -> None:
+        if telemetry.kind == "outbox":
+            if self.histograms and telemetry.listen is not None:
+                telemetry.listen(self._delays(telemetry.name), only=telemetry.timed)
+            return
         histogram = {"breaker": self.breaker_duration, "cache": self.cache_load_duration}.get(
             telemetry.kind
         )
@@ -120,6 +135,24 @@ class Metrics:
                 child.observe(duration)
 
         telemetry.listen(observe, only=telemetry.timed)
+
+    def _delays(self, name: str) -> Callable[[Any], None]:
+        """Observe a publisher's ``Delivered`` events: ``(topic, seconds)`` pairs. The
+        first MAX_OUTBOX_TOPICS topics get a series each, the rest share ``_other``."""
+        histogram = self.outbox_delivery_delay
+        children: dict[str, Any] = {}
+
+        def observe(event: Any) -> None:
+            for topic, delay in getattr(event, "delays", ()):
+                child = children.get(topic)
+                if child is None:
+                    if len(children) < MAX_OUTBOX_TOPICS:
+                        child = children[topic] = histogram.labels(name, topic)
+                    else:
+                        child = histogram.labels(name, "_other")
+                child.observe(delay)
+
+        return observe
 
 
 class _Families:
@@ -302,6 +335,43 @@ def _fallback(f: _Families, name: str, r: Mapping[str, Any], created: float) -> 
     )
 
 
+def _concurrency(f: _Families, name: str, r: Mapping[str, Any], created: float) -> None:
+    f.gauge("concurrency_limit", "The adaptive limit: calls allowed at once now",
+            ["policy"]).add_metric([name], float(r["limit"]))  # fmt: skip
+    f.gauge("concurrency_in_flight", "Calls holding a slot", ["policy"]).add_metric(
+        [name], float(r["in_flight"])
+    )
+    f.gauge("concurrency_queue", "Callers waiting for a slot", ["policy"]).add_metric(
+        [name], float(r["waiting"])
+    )
+    f.counter("concurrency_admitted", "Calls given a slot", ["policy"]).add_metric(
+        [name], r["admitted"], created=created
+    )
+    f.counter("concurrency_rejected", "Calls refused (no slot, no room or time to wait)",
+              ["policy"]).add_metric([name], r["rejected"], created=created)  # fmt: skip
+    f.counter("concurrency_dropped", "Calls counted as drops (timeouts, drop_on errors)",
+              ["policy"]).add_metric([name], r["dropped"], created=created)  # fmt: skip
+    partitions = r.get("partitions") or {}
+    if partitions:
+        limit = f.gauge("concurrency_partition_limit", "A partition's guaranteed share",
+                        ["policy", "partition"])  # fmt: skip
+        busy = f.gauge("concurrency_partition_in_flight", "Slots a partition holds",
+                       ["policy", "partition"])  # fmt: skip
+        for partition, figures in sorted(partitions.items()):
+            limit.add_metric([name, partition], float(figures["limit"]))
+            busy.add_metric([name, partition], float(figures["in_flight"]))
+
+
+def _hedge(f: _Families, name: str, r: Mapping[str, Any], created: float) -> None:
+    for key, metric, doc in (
+        ("calls", "hedge_calls", "Calls run under a hedge policy"),
+        ("hedges", "hedge_hedges", "Extra attempts started because a call was slow"),
+        ("wins", "hedge_wins", "Calls answered by an extra attempt"),
+        ("refused", "hedge_budget_refused", "Extra attempts the retry budget refused"),
+    ):
+        f.counter(metric, doc, ["policy"]).add_metric([name], r[key], created=created)
+
+
 def _nothing(f: _Families, name: str, r: Mapping[str, Any], created: float) -> None:
     """A pipeline: its members report for it."""
 
@@ -318,6 +388,8 @@ _BY_KIND: Final[dict[str, Callable[[_Families, str, Mapping[str, Any], float], N
     "bulkhead": _bulkhead,
     "fallback": _fallback,
     "pipeline": _nothing,
+    "concurrency": _concurrency,
+    "hedge": _hedge,
 }
 
 
