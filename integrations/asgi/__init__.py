@@ -10,9 +10,11 @@ from resilience.integrations.asgi.cache import ResponseCacheMiddleware
 from resilience.integrations.asgi.keys import client_ip, first, header, join, path_template
 from resilience.integrations.asgi.metrics import metrics_app
 from resilience.integrations.asgi.ratelimit import RateLimitMiddleware, Rule, ratelimit_headers
+from resilience.integrations.asgi.shedding import ConcurrencyLimitMiddleware
 
 __all__ = [
     "CircuitBreakerMiddleware",
+    "ConcurrencyLimitMiddleware",
     "RateLimitMiddleware",
     "ResponseCacheMiddleware",
     "Rule",
