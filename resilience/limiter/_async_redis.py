@@ -13,7 +13,6 @@ from typing import Any
 
 from resilience.limiter._redis_base import (
     ONE,
-    PEEK,
     SCRIPT,
     RedisBackendBase,
     RedisTable,
@@ -21,7 +20,7 @@ from resilience.limiter._redis_base import (
     key_head,
 )
 from resilience.limiter.bucket import Decision
-from resilience.remote import UNAVAILABLE, Script
+from resilience.remote import UNAVAILABLE
 
 __all__ = ["AsyncRedisBackend"]
 
@@ -41,11 +40,11 @@ class AsyncRedisBackend(RedisBackendBase):
         self,
         tables: Sequence[RedisTable],
         items: Sequence[tuple[str, float]],
-        script: Script = SCRIPT,
+        take: bool = True,
     ) -> list[Decision]:
         out: list[Decision | None] = [None] * len(items)
-        for keys, args, indexes in self._plan(tables, items):
-            reply = await self._commands.aevalsha(script, keys, args)
+        for keys, args, indexes in self._plan(tables, items, take):
+            reply = await self._commands.aevalsha(SCRIPT, keys, args)
             self._read(tables, items, (keys, args, indexes), reply, out)
         return out  # type: ignore[return-value]  # every index is filled by its call
 
@@ -84,13 +83,13 @@ class AsyncRedisBackend(RedisBackendBase):
         self, tables: Sequence[RedisTable], key: str, cost: float, now: float
     ) -> Decision:
         """What :meth:`adecide` would answer now, taking nothing and writing no key: one
-        read-only script call (``token_bucket_peek.lua``) on Redis's clock. While Redis is
+        call of ``token_bucket.lua`` told to only read, on Redis's clock. While Redis is
         unavailable, what ``on_error`` would answer: the in-process bucket's answer
         (``local``, also taking nothing), allowed (``fail_open``) or denied
         (``fail_closed``)."""
         if not self._async_client:
             raise self._wrong_client("apeek")
-        decisions = await self.guard.acall(self._arun, tables, [(key, cost)], PEEK)
+        decisions = await self.guard.acall(self._arun, tables, [(key, cost)], False)
         if decisions is UNAVAILABLE:
             return self._peek_fallback(tables, key, cost, now)
         return decisions[0]

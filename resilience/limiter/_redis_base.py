@@ -22,11 +22,10 @@ from resilience.remote import (
     check_timeout,
 )
 
-__all__ = ["ONE", "PEEK", "SCRIPT", "RedisBackendBase", "RedisTable", "bucket_key", "key_head"]
+__all__ = ["ONE", "SCRIPT", "RedisBackendBase", "RedisTable", "bucket_key", "key_head"]
 
-SCRIPT: Final = Script("resilience.limiter", "token_bucket.lua")  # groups and batches
+SCRIPT: Final = Script("resilience.limiter", "token_bucket.lua")  # groups, batches, peeks
 ONE: Final = Script("resilience.limiter", "token_bucket_one.lua")  # one request, one limit
-PEEK: Final = Script("resilience.limiter", "token_bucket_peek.lua")  # SCRIPT, taking nothing
 # EVALSHA <ONE> 1 <key> <cost_us> <fill_us> as RESP: the constant head, packed once.
 _ONE_HEAD: Final = f"*6\r\n$7\r\nEVALSHA\r\n$40\r\n{ONE.sha}\r\n$1\r\n1\r\n".encode()
 
@@ -148,10 +147,11 @@ class RedisBackendBase:
         return [head + t.suffix for t in tables]
 
     def _plan(
-        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]]
+        self, tables: Sequence[RedisTable], items: Sequence[tuple[str, float]], take: bool = True
     ) -> Iterator[_Call]:
-        """Script calls for ``items``: one per chunk, and per hash slot on Cluster."""
-        limit_args = [str(len(tables))]
+        """Script calls for ``items``: one per chunk, and per hash slot on Cluster.
+        ``take=False`` peeks: the script answers the same but takes nothing."""
+        limit_args = [str(len(tables) if take else -len(tables))]
         for t in tables:
             limit_args.extend(t.args)
         groups: dict[int, list[int]] = {}

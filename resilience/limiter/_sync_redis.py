@@ -9,7 +9,6 @@ from typing import Any
 
 from resilience.limiter._redis_base import (
     ONE,
-    PEEK,
     SCRIPT,
     RedisBackendBase,
     RedisTable,
@@ -17,7 +16,7 @@ from resilience.limiter._redis_base import (
     key_head,
 )
 from resilience.limiter.bucket import Decision
-from resilience.remote import UNAVAILABLE, Script
+from resilience.remote import UNAVAILABLE
 
 __all__ = ["SyncRedisBackend"]
 
@@ -37,11 +36,11 @@ class SyncRedisBackend(RedisBackendBase):
         self,
         tables: Sequence[RedisTable],
         items: Sequence[tuple[str, float]],
-        script: Script = SCRIPT,
+        take: bool = True,
     ) -> list[Decision]:
         out: list[Decision | None] = [None] * len(items)
-        for keys, args, indexes in self._plan(tables, items):
-            reply = self._commands.evalsha(script, keys, args)
+        for keys, args, indexes in self._plan(tables, items, take):
+            reply = self._commands.evalsha(SCRIPT, keys, args)
             self._read(tables, items, (keys, args, indexes), reply, out)
         return out  # type: ignore[return-value]  # every index is filled by its call
 
@@ -76,13 +75,13 @@ class SyncRedisBackend(RedisBackendBase):
 
     def peek(self, tables: Sequence[RedisTable], key: str, cost: float, now: float) -> Decision:
         """What :meth:`decide` would answer now, taking nothing and writing no key: one
-        read-only script call (``token_bucket_peek.lua``) on Redis's clock. While Redis is
+        call of ``token_bucket.lua`` told to only read, on Redis's clock. While Redis is
         unavailable, what ``on_error`` would answer: the in-process bucket's answer
         (``local``, also taking nothing), allowed (``fail_open``) or denied
         (``fail_closed``)."""
         if not self._sync_client:
             raise self._wrong_client("peek")
-        decisions = self.guard.call(self._run, tables, [(key, cost)], PEEK)
+        decisions = self.guard.call(self._run, tables, [(key, cost)], False)
         if decisions is UNAVAILABLE:
             return self._peek_fallback(tables, key, cost, now)
         return decisions[0]

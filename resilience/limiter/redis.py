@@ -1,7 +1,7 @@
 """Token buckets in Redis: one Lua script call per decision or per batch, on Redis's clock.
 
-- The scripts (``token_bucket.lua``, ``token_bucket_one.lua``, and the read-only
-  ``token_bucket_peek.lua`` behind ``peek``: package data) run with EVALSHA; NOSCRIPT
+- The scripts (``token_bucket.lua``, which also answers ``peek`` without writing, and
+  ``token_bucket_one.lua``: package data) run with EVALSHA; NOSCRIPT
   (after a SCRIPT FLUSH, a failover, a new node) reloads them and retries once
   (:class:`resilience.remote.Script`).
 - ``reset`` deletes a key's buckets (one DEL: they share a hash slot).

@@ -1,7 +1,8 @@
 -- Token buckets decided atomically on Redis's clock: one call decides one request or a
 -- whole batch. The same rules as resilience/limiter/bucket.py, in microseconds.
 --
--- ARGV[1]                L, the number of limits each request is checked against
+-- ARGV[1]                L, the number of limits each request is checked against;
+--                        -L to peek: the same answers, taking nothing and writing no key
 -- ARGV[2j], ARGV[2j+1]   limit j: microseconds per token, microseconds to fill (j = 1..L)
 -- ARGV[2L+1+i]           the cost of request i (i = 1..n)
 -- KEYS[(i-1)L + j]       request i's bucket for limit j; the L keys of a request share
@@ -18,6 +19,10 @@
 local t = redis.call('TIME')
 local now = t[1] * 1000000 + t[2]
 local L = tonumber(ARGV[1])
+local take = L > 0
+if not take then
+  L = -L
+end
 local per, fill = {}, {}
 for j = 1, L do
   per[j] = tonumber(ARGV[2 * j])
@@ -47,7 +52,7 @@ for i = 1, n do
   end
   out[#out + 1] = ok
   for j = 1, L do
-    if ok == 1 then
+    if take and ok == 1 then
       local after = base[j] + cost * per[j]
       redis.call('SET', KEYS[off + j], string.format('%.3f', after),
                  'PX', math.max(1, math.ceil((after - now) / 1000)))
