@@ -95,3 +95,45 @@ def test_both_ratelimit_field_paths_round_the_reset_by_one_rule() -> None:
     middleware_field = dict(sent[0]["headers"])[b"ratelimit"]
     helper_field = dict(ratelimit_headers("default", limiter, hair))[b"ratelimit"]
     assert middleware_field == helper_field == b'"default";r=5;t=1'
+
+
+def _scope() -> dict[str, Any]:
+    return {"type": "http", "path": "/", "method": "GET", "client": ("192.0.2.1", 1)}
+
+
+async def _receive() -> Any:
+    return {"type": "http.request"}
+
+
+async def _gone(message: Any) -> None:
+    raise ConnectionResetError("client went away")
+
+
+async def _failing_app(scope: Any, receive: Any, send: Any) -> None:
+    raise RuntimeError("app bug")
+
+
+async def test_a_client_gone_mid_response_is_no_verdict_and_its_error_goes_on() -> None:
+    from resilience.integrations.asgi import CircuitBreakerMiddleware, ConcurrencyLimitMiddleware
+
+    breaker = rs.CircuitBreaker("units-gone", failure_threshold=1)
+    limit = rs.ConcurrencyLimit("aimd", initial=5, window=0)
+    for mw in (
+        CircuitBreakerMiddleware(reusing_app, breaker=breaker),
+        ConcurrencyLimitMiddleware(reusing_app, limiter=limit),
+    ):
+        with pytest.raises(ConnectionResetError):  # the server's own error, not a wrapper
+            await mw(_scope(), _receive, _gone)
+    assert breaker.state is rs.CircuitState.CLOSED  # one counted failure would open it
+    assert limit.in_flight == 0
+    assert limit.limit == 5  # no sample, no drop
+
+
+async def test_an_app_error_is_a_verdict_and_raised_as_it_was() -> None:
+    from resilience.integrations.asgi import CircuitBreakerMiddleware
+
+    breaker = rs.CircuitBreaker("units-error", failure_threshold=1)
+    mw = CircuitBreakerMiddleware(_failing_app, breaker=breaker)
+    with pytest.raises(RuntimeError, match="app bug"):
+        await mw(_scope(), _receive, _gone)
+    assert breaker.state is rs.CircuitState.OPEN

@@ -13,11 +13,13 @@ __all__ = [
     "Receive",
     "Scope",
     "Send",
+    "Watched",
     "first",
     "headers_of",
     "joined",
     "patterns",
     "values",
+    "watched",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -61,3 +63,58 @@ def patterns(regexes: Iterable[str], field: str) -> list[re.Pattern[str]]:
         except (re.error, TypeError) as e:
             raise ValueError(f"{field}: {value!r} is not a regular expression: {e}") from None
     return compiled
+
+
+class _ClientGone(Exception):
+    """The client went away while the response was written."""
+
+
+class Watched:
+    """How an app's response went, as a breaker or a limit must judge it.
+
+    ``ignored``: no verdict on the app (the client went away before a response started,
+    or while it was written, or the app failed after the client went away); otherwise
+    ``error`` is what the app raised, or None and ``status`` is the response's status.
+    """
+
+    __slots__ = ("error", "ignored", "status")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.error: BaseException | None = None
+        self.ignored = False
+
+
+async def watched(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> Watched:
+    """Run ``app``, watching its status and the client's disconnect. An exception of the
+    app (cancellation too) is kept in ``error``, not raised: the caller records its
+    verdict, then raises it (``raise seen.error``)."""
+    seen = Watched()
+    disconnected = False
+
+    async def watch_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            seen.status = int(message["status"])
+        try:
+            await send(message)
+        except OSError as e:  # the client went away while we wrote
+            raise _ClientGone() from e
+
+    async def watch_receive() -> Message:
+        nonlocal disconnected
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            disconnected = True
+        return message
+
+    try:
+        await app(scope, watch_receive, watch_send)
+    except _ClientGone as gone:
+        seen.ignored = True
+        seen.error = gone.__cause__ if gone.__cause__ is not None else gone
+    except BaseException as error:
+        seen.error = error
+        seen.ignored = disconnected
+    else:
+        seen.ignored = disconnected and seen.status == 0
+    return seen

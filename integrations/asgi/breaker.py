@@ -7,13 +7,9 @@ import re
 from collections.abc import Container, Sequence
 
 from resilience.breaker import CircuitBreaker
-from resilience.integrations.asgi._asgi import ASGIApp, Message, Receive, Scope, Send
+from resilience.integrations.asgi._asgi import ASGIApp, Receive, Scope, Send, watched
 
 __all__ = ["CircuitBreakerMiddleware"]
-
-
-class _ClientGone(Exception):
-    """The client disconnected: no verdict on the app."""
 
 
 class CircuitBreakerMiddleware:
@@ -70,42 +66,18 @@ class CircuitBreakerMiddleware:
         if permit is None:
             await _unavailable(send, breaker.retry_after)
             return
-        status = 0
-        disconnected = False
-
-        async def watch_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            try:
-                await send(message)
-            except OSError as e:  # the client went away while we wrote
-                raise _ClientGone() from e
-
-        async def watch_receive() -> Message:
-            nonlocal disconnected
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected = True
-            return message
-
-        try:
-            await self.app(scope, watch_receive, watch_send)
-        except _ClientGone:
+        seen = await watched(self.app, scope, receive, send)
+        error = seen.error
+        if seen.ignored:
             await permit.aignore()
-            raise
-        except BaseException as error:
-            if disconnected:
-                await permit.aignore()
-            else:  # the breaker's include/exclude, cancellation and deadline rules apply
-                await permit.aerror(error)
-            raise
-        if disconnected and status == 0:
-            await permit.aignore()
-        elif status in self.failure_status:
+        elif error is not None:  # the breaker's include/exclude, cancellation and deadline rules
+            await permit.aerror(error)
+        elif seen.status in self.failure_status:
             await permit.afailure()
         else:
             await permit.asuccess()
+        if error is not None:
+            raise error
 
 
 async def _unavailable(send: Send, retry_after: float) -> None:

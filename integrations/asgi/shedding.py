@@ -26,7 +26,14 @@ from __future__ import annotations
 import math
 from collections.abc import Container, Iterable
 
-from resilience.integrations.asgi._asgi import ASGIApp, Message, Receive, Scope, Send, patterns
+from resilience.integrations.asgi._asgi import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    patterns,
+    watched,
+)
 from resilience.integrations.asgi.keys import KeyFunc
 from resilience.policies import ConcurrencyLimit, LimitExceeded
 
@@ -40,10 +47,6 @@ DEFAULT_EXEMPT = (
     r"/metrics(/.*)?",
 )
 _BODY = b'{"detail":"Service Unavailable"}'
-
-
-class _ClientGone(Exception):
-    """The client went away while the response was written: no sample."""
 
 
 class ConcurrencyLimitMiddleware:
@@ -114,42 +117,18 @@ class ConcurrencyLimitMiddleware:
         except LimitExceeded:
             await self._shed(send)
             return
-        status = 0
-        disconnected = False
-
-        async def watch_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            try:
-                await send(message)
-            except OSError as e:  # the client went away while we wrote
-                raise _ClientGone() from e
-
-        async def watch_receive() -> Message:
-            nonlocal disconnected
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected = True
-            return message
-
-        try:
-            await self.app(scope, watch_receive, watch_send)
-        except _ClientGone:
+        seen = await watched(self.app, scope, receive, send)
+        error = seen.error
+        if seen.ignored:
             permit.ignore()
-            raise
-        except BaseException as error:
-            if disconnected:
-                permit.ignore()
-            else:  # drop_on, and an expired deadline, make it a drop
-                permit.error(error, in_async=True)
-            raise
-        if disconnected and status == 0:
-            permit.ignore()
-        elif status in self.drop_status:
+        elif error is not None:  # drop_on, and an expired deadline, make it a drop
+            permit.error(error, in_async=True)
+        elif seen.status in self.drop_status:
             permit.drop()
         else:
             permit.success()
+        if error is not None:
+            raise error
 
     async def _shed(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 503, "headers": list(self._headers)})
