@@ -15,6 +15,8 @@ import dataclasses
 import gc
 import importlib
 import importlib.util
+import os
+import socket
 import statistics
 import sys
 import time
@@ -492,3 +494,39 @@ def ensure_integrations() -> str | None:
         f"resilience.integrations was shadowed by {Path(resilience.__file__).parent}"
         f" (run from the repository root); loaded from {folder}"
     )
+
+
+def serve_uvicorn(app: Any, fd: int, lifetime: float, **config: Any) -> None:
+    """In a child process: serve ``app`` with uvicorn on the listening socket ``fd`` the
+    parent bound; exit when the parent goes away or after ``lifetime`` seconds."""
+    import uvicorn
+
+    sock = socket.socket(fileno=fd)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            loop="asyncio",
+            timeout_keep_alive=int(lifetime),  # connections idle while other cases run
+            **config,
+        )
+    )
+    parent = os.getppid()
+
+    async def watch() -> None:
+        deadline = time.monotonic() + lifetime
+        while not server.should_exit:
+            if os.getppid() != parent or time.monotonic() > deadline:
+                server.should_exit = True
+            await asyncio.sleep(0.25)
+
+    async def run() -> None:
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            watcher.cancel()
+
+    asyncio.run(run())

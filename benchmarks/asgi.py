@@ -53,6 +53,7 @@ from benchmarks._harness import (
     measure_async_in,
     print_group,
     print_target,
+    serve_uvicorn,
     settings,
 )
 
@@ -461,37 +462,8 @@ def _step_summary(group: Group) -> list[str]:
 
 
 def serve(case: str, fd: int, lifetime: float) -> None:
-    """Child process: serve ``build_app(case)`` with uvicorn on the listening socket
-    ``fd``; exit when the parent goes away or after ``lifetime`` seconds."""
-    import uvicorn
-
-    sock = socket.socket(fileno=fd)
-    config = uvicorn.Config(
-        build_app(case),
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        loop="asyncio",
-        timeout_keep_alive=int(lifetime),  # connections idle while other cases run
-    )
-    server = uvicorn.Server(config)
-    parent = os.getppid()
-
-    async def watch() -> None:
-        deadline = time.monotonic() + lifetime
-        while not server.should_exit:
-            if os.getppid() != parent or time.monotonic() > deadline:
-                server.should_exit = True
-            await asyncio.sleep(0.25)
-
-    async def run() -> None:
-        watcher = asyncio.ensure_future(watch())
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            watcher.cancel()
-
-    asyncio.run(run())
+    """Child process: serve ``build_app(case)`` on the listening socket ``fd``."""
+    serve_uvicorn(build_app(case), fd, lifetime)
 
 
 def _main_serve() -> None:

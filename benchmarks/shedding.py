@@ -28,7 +28,6 @@ import asyncio
 import dataclasses
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from benchmarks._harness import (
     measure_sync,
     print_group,
     print_target,
+    serve_uvicorn,
     settings,
 )
 from benchmarks.asgi import _Connection, _Server, _stop
@@ -217,38 +217,8 @@ def build_app(case: str) -> Any:
 
 
 def serve(case: str, fd: int, lifetime: float) -> None:
-    """Child process: serve ``build_app(case)`` on the listening socket ``fd``; exit
-    when the parent goes away or after ``lifetime`` seconds."""
-    import uvicorn
-
-    sock = socket.socket(fileno=fd)
-    config = uvicorn.Config(
-        build_app(case),
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        loop="asyncio",
-        timeout_keep_alive=int(lifetime),
-        backlog=2048,
-    )
-    server = uvicorn.Server(config)
-    parent = os.getppid()
-
-    async def watch() -> None:
-        deadline = time.monotonic() + lifetime
-        while not server.should_exit:
-            if os.getppid() != parent or time.monotonic() > deadline:
-                server.should_exit = True
-            await asyncio.sleep(0.25)
-
-    async def run() -> None:
-        watcher = asyncio.ensure_future(watch())
-        try:
-            await server.serve(sockets=[sock])
-        finally:
-            watcher.cancel()
-
-    asyncio.run(run())
+    """Child process: serve ``build_app(case)`` on the listening socket ``fd``."""
+    serve_uvicorn(build_app(case), fd, lifetime, backlog=2048)
 
 
 def _main_serve() -> None:
