@@ -193,6 +193,8 @@ def _raise(error: BaseException) -> None:
         ({"breaker": "api"}, TypeError, "breaker"),
         ({"retry": 3}, TypeError, "retry"),
         ({"limiter": object()}, TypeError, "limiter"),
+        ({"cache": {}}, TypeError, "cache"),
+        ({"cache_max_body": -1}, ValueError, "cache_max_body"),
         ({"follow_server_limits": "yes"}, TypeError, "follow_server_limits"),
         ({"holds": {}}, TypeError, "holds"),
         ({"holds": MemoryHolds(), "follow_server_limits": False}, ValueError, "holds"),

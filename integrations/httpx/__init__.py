@@ -4,7 +4,8 @@
 (``httpx.AsyncClient``) wrap an inner transport with per-host circuit breakers made
 from a template, retries of idempotent requests that honour ``Retry-After``, the limits
 the server publishes (RateLimit, X-RateLimit-*, Retry-After: kept in memory or shared
-through Redis with :class:`RedisHolds`), and an optional client-side limiter.
+through Redis with :class:`RedisHolds`), an optional client-side limiter, and an
+optional private HTTP cache (``cache=`` a TwoTierCache; RFC 9111's private rules).
 """
 
 try:
@@ -14,6 +15,7 @@ except ImportError as error:  # pragma: no cover - exercised by scripts/check_in
         "resilience.integrations.httpx needs httpx: pip install 'resilience[httpx]'"
     ) from error
 
+from resilience.integrations.httpx._cache import CACHE_EXTENSION
 from resilience.integrations.httpx._core import (
     FAILURE_STATUS,
     IDEMPOTENT_METHODS,
@@ -27,6 +29,7 @@ from resilience.integrations.httpx.limits import ServerLimits, read_limits
 from resilience.integrations.httpx.transport import AsyncResilientTransport, ResilientTransport
 
 __all__ = [
+    "CACHE_EXTENSION",
     "FAILURE_STATUS",
     "IDEMPOTENT_METHODS",
     "RETRYABLE_ERRORS",

@@ -11,21 +11,36 @@ listed in ``_core.py``."""
 # unasync: AsyncByteStream -> SyncByteStream, _AsyncReplay -> _SyncReplay
 # unasync: AsyncBaseTransport -> BaseTransport, AsyncHTTPTransport -> HTTPTransport
 # unasync: SIDE_ASYNC -> SIDE_SYNC, collections.abc.Awaitable[None] -> None
+# unasync: _acached -> _cached, _afetch -> _fetch, _arevalidated -> _revalidated
+# unasync: _aforget -> _forget, _AsyncTee -> _SyncTee, aget -> get, aset -> set
+# unasync: adelete -> delete, aread -> read
 
 from __future__ import annotations
 
 # Qualified names keep the twin's imports sorted (scripts/unasync.py renames them).
 import collections.abc
-from typing import Any
+import logging
+from typing import Any, cast
 
 import httpx
 
 from resilience.breaker import Permit
 from resilience.errors import RateLimited, TimeoutExceeded
+from resilience.http import invalidates, selects
+from resilience.integrations.httpx._cache import (
+    CACHE_EXTENSION,
+    Entry,
+    Lookup,
+    PrivateCache,
+    Record,
+    complete,
+    lower,
+)
 from resilience.integrations.httpx._core import (
     RETRY_BODY_LIMIT,
     RETRYABLE_ERRORS,
     SIDE_ASYNC,
+    STALE_ERRORS,
     NoRetry,
     RetryableResponse,
     TransportCore,
@@ -35,6 +50,8 @@ from resilience.integrations.httpx.limits import read_limits
 from resilience.policies import remaining
 
 __all__ = ["AsyncTransportOps"]
+
+log = logging.getLogger("resilience.integrations.httpx")
 
 
 class _AsyncReplay(httpx.AsyncByteStream):
@@ -60,6 +77,59 @@ class _AsyncReplay(httpx.AsyncByteStream):
         await self._close()
 
 
+class _AsyncTee(httpx.AsyncByteStream):
+    """A body passed on chunk by chunk as it arrives, and kept (up to ``limit`` bytes):
+    ``keep`` gets it only when it was read to its end. A body read in part, cut off by
+    an error, or longer than ``limit`` is never kept. An iterator, not a generator, so
+    an abandoned read leaves nothing of ours for the garbage collector to finish."""
+
+    def __init__(
+        self,
+        stream: httpx.AsyncByteStream,
+        limit: int,
+        keep: collections.abc.Callable[[bytes], collections.abc.Awaitable[None]],
+    ) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._keep = keep
+        self._chunks: list[bytes] | None = []
+        self._size = 0
+        self._rest: collections.abc.AsyncIterator[bytes] | None = None
+
+    def __aiter__(self) -> collections.abc.AsyncIterator[bytes]:
+        self._rest = self._stream.__aiter__()
+        return self
+
+    async def __anext__(self) -> bytes:
+        assert self._rest is not None
+        try:
+            chunk = await self._rest.__anext__()
+        except StopAsyncIteration:
+            chunks, self._chunks = self._chunks, None
+            if chunks is not None:  # the whole body, once
+                try:
+                    await self._keep(b"".join(chunks))
+                except Exception:  # storing is a bonus: the caller has the body
+                    log.warning(
+                        "resilience httpx cache: storing a response failed",
+                        exc_info=True,
+                        extra={"resilience_event": "httpx_cache.store_failed"},
+                    )
+            raise
+        chunks = self._chunks
+        if chunks is not None:
+            self._size += len(chunk)
+            if self._size > self._limit:
+                self._chunks = None  # too long to keep: passed on all the same
+            else:
+                chunks.append(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        self._chunks = None
+        await self._stream.aclose()
+
+
 class AsyncTransportOps(TransportCore):
     _IS_ASYNC = SIDE_ASYNC
     _BASE = httpx.AsyncBaseTransport
@@ -68,14 +138,132 @@ class AsyncTransportOps(TransportCore):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the layers: retry, then per attempt the deadline, the
         server's limits, the limiter, the host's breaker and the inner transport."""
-        # The private cache (RFC 9111) goes here, outermost: it answers fresh hits,
-        # revalidates stale entries through _aexchange, and serves stale-if-error when
-        # _aexchange raises CircuitOpenError or returns a failure status.
-        return await self._aexchange(request)
+        cache = self._http_cache
+        if cache is None:
+            return await self._aexchange(request)
+        return await self._acached(cache, request)
 
     async def aclose(self) -> None:
         """Close the inner transport (its connection pool)."""
         await self.transport.aclose()
+
+    # -- the private cache (outermost) -------------------------------------------------------
+
+    async def _acached(self, cache: PrivateCache, request: httpx.Request) -> httpx.Response:
+        """Answer a fresh hit from the cache, or ask the origin (conditionally for a stale
+        entry) and keep what may be kept; an unsafe method evicts what it changed."""
+        look = cache.lookup(request)
+        if look is None:
+            response = await self._aexchange(request)
+            if invalidates(request.method, response.status_code):
+                for key in cache.invalidated(request, lower(response.headers)):
+                    await cache.store.adelete(key)
+            response.extensions[CACHE_EXTENSION] = "bypass"
+            return response
+        record = await cache.store.aget(look.key)
+        if record is None:
+            cache.count("miss", "local", look.key)  # the tiers count only their hits
+            entry = None
+        else:
+            entry = cache.select(record, look)
+            if entry is not None:
+                now = cache.clock.time()
+                if cache.usable(entry, now, look):
+                    return cache.answer(entry, now, "hit")
+        if "only-if-cached" in look.directives:  # RFC 9111 section 5.2.1.7
+            return httpx.Response(504, extensions={CACHE_EXTENSION: "miss"})
+        return await self._afetch(cache, request, look, record, entry)
+
+    async def _afetch(
+        self,
+        cache: PrivateCache,
+        request: httpx.Request,
+        look: Lookup,
+        record: Record | None,
+        entry: Entry | None,
+    ) -> httpx.Response:
+        clock = cache.clock
+        sent = cache.conditional(request, entry) if entry is not None else None
+        request_time = clock.time()
+        try:
+            response = await self._aexchange(request if sent is None else sent)
+        except STALE_ERRORS:
+            now = clock.time()
+            if entry is None or not cache.stale_if_error(entry, now):
+                raise
+            cache.count("stale", "", look.key)
+            return cache.answer(entry, now, "stale-if-error")
+        response_time = clock.time()
+        status = response.status_code
+        if entry is not None:
+            if status == 304 and sent is not None:
+                return await self._arevalidated(
+                    cache, request, response, look, record, entry, request_time, response_time
+                )
+            if status >= 500 and cache.stale_if_error(entry, response_time):
+                await response.aclose()
+                cache.count("stale", "", look.key)
+                return cache.answer(entry, response_time, "stale-if-error")
+        response.extensions[CACHE_EXTENSION] = "miss"
+        headers = lower(response.headers)
+        decision = cache.decide(status, headers, look, request_time, response_time)
+        if decision is None or cache.too_long(headers):
+            if entry is not None and status < 500:
+                await self._aforget(cache, look, record)  # superseded by what came
+            return response
+        store = cache.store
+
+        async def keep(body: bytes) -> None:
+            if not complete(headers, len(body)):
+                return  # cut short: a fraction must never be served as the whole
+            now = clock.time()
+            new = cache.entry(status, headers, body, decision, now)
+            if new is not None:
+                value, ttl = cache.with_entry(record, look, new, now)
+                await store.aset(look.key, value, ttl=ttl)
+
+        return httpx.Response(
+            status,
+            headers=response.headers.raw,
+            stream=_AsyncTee(cast(httpx.AsyncByteStream, response.stream), cache.max_body, keep),
+            extensions=response.extensions,
+        )
+
+    async def _arevalidated(
+        self,
+        cache: PrivateCache,
+        request: httpx.Request,
+        response: httpx.Response,
+        look: Lookup,
+        record: Record | None,
+        entry: Entry,
+        request_time: float,
+        response_time: float,
+    ) -> httpx.Response:
+        """A 304 to our conditional request: freshen the entry and answer from it; one
+        about another response (RFC 9111 section 4.3.4) drops it and asks again."""
+        await response.aread()  # nothing, but the connection goes back to the pool
+        update = lower(response.headers)
+        if not selects(entry["et"], entry["lm"], update):
+            await self._aforget(cache, look, record)
+            return await self._afetch(cache, request, look, None, None)
+        served, kept = cache.refreshed(entry, update, look, request_time, response_time)
+        now = cache.clock.time()
+        if kept is not None:
+            value, ttl = cache.with_entry(record, look, kept, now)
+            await cache.store.aset(look.key, value, ttl=ttl)
+        else:
+            await self._aforget(cache, look, record)
+        return cache.answer(served, now, "revalidated")
+
+    async def _aforget(self, cache: PrivateCache, look: Lookup, record: Record | None) -> None:
+        if record is None:
+            return
+        rest = cache.without(record, look, cache.clock.time())
+        if rest is None:
+            await cache.store.adelete(look.key)
+        else:
+            await cache.store.aset(look.key, rest[0], ttl=rest[1])
 
     # -- the retry layer -------------------------------------------------------------------
 

@@ -3,7 +3,9 @@ breakers; and every decision that does no I/O.
 
 A request goes through these layers, outermost first (``_async_transport.py``)::
 
-    handle_request       (a private cache will sit here: a fresh hit never goes further)
+    handle_request       the private cache (cache=): a fresh hit goes no further; a stale
+                         entry is revalidated through the layers below, and stands in for
+                         an error when it allows (stale-if-error)
       retry              only for a retryable request: idempotent method or
                          Idempotency-Key, and a body that can be sent again
         attempt          each try, in this order:
@@ -26,8 +28,9 @@ import httpx
 
 from resilience.breaker import CircuitBreaker, CircuitState
 from resilience.clock import SYSTEM_CLOCK, Clock, resolve
-from resilience.errors import CircuitOpenError
+from resilience.errors import CircuitOpenError, RateLimited, TimeoutExceeded
 from resilience.events import Telemetry
+from resilience.integrations.httpx._cache import CACHE_BODY_LIMIT, PrivateCache, check_cache
 from resilience.integrations.httpx.holds import Holds, MemoryHolds, RedisHolds
 from resilience.limiter import LimitGroup, RedisBackend, TokenBucket
 from resilience.policies import Retry
@@ -39,6 +42,7 @@ __all__ = [
     "RETRY_STATUS",
     "SIDE_ASYNC",
     "SIDE_SYNC",
+    "STALE_ERRORS",
     "NoRetry",
     "RetryableResponse",
     "TransportCore",
@@ -54,6 +58,9 @@ RETRY_STATUS: Final = frozenset({429, 502, 503, 504})
 #: Transport errors a retryable request is tried again on: the connection failed, broke
 #: or timed out. Others (an invalid URL, a local protocol error) would fail again.
 RETRYABLE_ERRORS: Final = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+#: Errors a stored response may stand in for, when it allows (``stale-if-error``): the
+#: host's breaker is open, the host is held, the deadline is spent, the origin is unreachable.
+STALE_ERRORS: Final = (CircuitOpenError, RateLimited, TimeoutExceeded, *RETRYABLE_ERRORS)
 #: Which side a mixin is (scripts/unasync.py renames SIDE_ASYNC to SIDE_SYNC).
 SIDE_ASYNC: Final = True
 SIDE_SYNC: Final = False
@@ -125,6 +132,8 @@ class TransportCore:
         breaker: CircuitBreaker | None = None,
         retry: Retry | None = None,
         limiter: Limiter | None = None,
+        cache: Any = None,
+        cache_max_body: int = CACHE_BODY_LIMIT,
         follow_server_limits: bool = True,
         holds: Holds | None = None,
         max_wait: float | None = 0.0,
@@ -163,6 +172,13 @@ class TransportCore:
             if isinstance(backend, RedisBackend) and backend.is_async != self._IS_ASYNC:
                 need = "a redis.asyncio" if self._IS_ASYNC else "a sync redis.Redis"
                 raise ValueError(f"limiter: {side} needs a RedisBackend on {need} client")
+        cache = check_cache(cache, self._IS_ASYNC, side)
+        if (
+            isinstance(cache_max_body, bool)
+            or not isinstance(cache_max_body, int)
+            or cache_max_body < 0
+        ):
+            raise ValueError(f"cache_max_body must be an int >= 0, got {cache_max_body!r}")
         if not isinstance(follow_server_limits, bool):
             raise TypeError(
                 f"follow_server_limits must be True or False, got {follow_server_limits!r}"
@@ -199,6 +215,8 @@ class TransportCore:
         self.breaker = breaker
         self.retry = retry
         self.limiter = limiter
+        self.cache = cache
+        self.cache_max_body = cache_max_body
         self.follow_server_limits = follow_server_limits
         self.max_wait = _wait("max_wait", max_wait)
         self.failure_status = _statuses("failure_status", failure_status)
@@ -220,6 +238,13 @@ class TransportCore:
         elif holds is not None and clock is not None:
             holds.bind(self._clock)
         self.holds = holds
+        self._http_cache = (
+            None
+            if cache is None
+            else PrivateCache(
+                cache, max_body=cache_max_body, name=f"{name}:rfc9111", clock=self._clock
+            )
+        )
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
 
@@ -295,8 +320,9 @@ class TransportCore:
 
     def telemetry(self) -> Telemetry:
         """A pipeline to metrics: its members report for it (the retry, the limiter, the
-        server-limit store, and the per-host breakers made so far; pass
+        server-limit store, the cache, and the per-host breakers made so far; pass
         ``on_new_breaker=metrics.watch`` to watch the ones made later too)."""
-        links: list[Any] = [m for m in (self.retry, self.limiter, self.holds) if m is not None]
+        members = (self.retry, self.limiter, self.holds, self.cache)
+        links: list[Any] = [m for m in members if m is not None and hasattr(m, "telemetry")]
         links.extend(self._breakers.values())
         return Telemetry("pipeline", self.name, dict, links=tuple(links))

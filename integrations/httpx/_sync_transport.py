@@ -8,16 +8,28 @@ from __future__ import annotations
 
 # Qualified names keep the twin's imports sorted (scripts/unasync.py renames them).
 import collections.abc
-from typing import Any
+import logging
+from typing import Any, cast
 
 import httpx
 
 from resilience.breaker import Permit
 from resilience.errors import RateLimited, TimeoutExceeded
+from resilience.http import invalidates, selects
+from resilience.integrations.httpx._cache import (
+    CACHE_EXTENSION,
+    Entry,
+    Lookup,
+    PrivateCache,
+    Record,
+    complete,
+    lower,
+)
 from resilience.integrations.httpx._core import (
     RETRY_BODY_LIMIT,
     RETRYABLE_ERRORS,
     SIDE_SYNC,
+    STALE_ERRORS,
     NoRetry,
     RetryableResponse,
     TransportCore,
@@ -27,6 +39,8 @@ from resilience.integrations.httpx.limits import read_limits
 from resilience.policies import remaining
 
 __all__ = ["SyncTransportOps"]
+
+log = logging.getLogger("resilience.integrations.httpx")
 
 
 class _SyncReplay(httpx.SyncByteStream):
@@ -52,6 +66,59 @@ class _SyncReplay(httpx.SyncByteStream):
         self._close()
 
 
+class _SyncTee(httpx.SyncByteStream):
+    """A body passed on chunk by chunk as it arrives, and kept (up to ``limit`` bytes):
+    ``keep`` gets it only when it was read to its end. A body read in part, cut off by
+    an error, or longer than ``limit`` is never kept. An iterator, not a generator, so
+    an abandoned read leaves nothing of ours for the garbage collector to finish."""
+
+    def __init__(
+        self,
+        stream: httpx.SyncByteStream,
+        limit: int,
+        keep: collections.abc.Callable[[bytes], None],
+    ) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._keep = keep
+        self._chunks: list[bytes] | None = []
+        self._size = 0
+        self._rest: collections.abc.Iterator[bytes] | None = None
+
+    def __iter__(self) -> collections.abc.Iterator[bytes]:
+        self._rest = self._stream.__iter__()
+        return self
+
+    def __next__(self) -> bytes:
+        assert self._rest is not None
+        try:
+            chunk = self._rest.__next__()
+        except StopIteration:
+            chunks, self._chunks = self._chunks, None
+            if chunks is not None:  # the whole body, once
+                try:
+                    self._keep(b"".join(chunks))
+                except Exception:  # storing is a bonus: the caller has the body
+                    log.warning(
+                        "resilience httpx cache: storing a response failed",
+                        exc_info=True,
+                        extra={"resilience_event": "httpx_cache.store_failed"},
+                    )
+            raise
+        chunks = self._chunks
+        if chunks is not None:
+            self._size += len(chunk)
+            if self._size > self._limit:
+                self._chunks = None  # too long to keep: passed on all the same
+            else:
+                chunks.append(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self._chunks = None
+        self._stream.close()
+
+
 class SyncTransportOps(TransportCore):
     _IS_ASYNC = SIDE_SYNC
     _BASE = httpx.BaseTransport
@@ -60,14 +127,132 @@ class SyncTransportOps(TransportCore):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the layers: retry, then per attempt the deadline, the
         server's limits, the limiter, the host's breaker and the inner transport."""
-        # The private cache (RFC 9111) goes here, outermost: it answers fresh hits,
-        # revalidates stale entries through _exchange, and serves stale-if-error when
-        # _exchange raises CircuitOpenError or returns a failure status.
-        return self._exchange(request)
+        cache = self._http_cache
+        if cache is None:
+            return self._exchange(request)
+        return self._cached(cache, request)
 
     def close(self) -> None:
         """Close the inner transport (its connection pool)."""
         self.transport.close()
+
+    # -- the private cache (outermost) -------------------------------------------------------
+
+    def _cached(self, cache: PrivateCache, request: httpx.Request) -> httpx.Response:
+        """Answer a fresh hit from the cache, or ask the origin (conditionally for a stale
+        entry) and keep what may be kept; an unsafe method evicts what it changed."""
+        look = cache.lookup(request)
+        if look is None:
+            response = self._exchange(request)
+            if invalidates(request.method, response.status_code):
+                for key in cache.invalidated(request, lower(response.headers)):
+                    cache.store.delete(key)
+            response.extensions[CACHE_EXTENSION] = "bypass"
+            return response
+        record = cache.store.get(look.key)
+        if record is None:
+            cache.count("miss", "local", look.key)  # the tiers count only their hits
+            entry = None
+        else:
+            entry = cache.select(record, look)
+            if entry is not None:
+                now = cache.clock.time()
+                if cache.usable(entry, now, look):
+                    return cache.answer(entry, now, "hit")
+        if "only-if-cached" in look.directives:  # RFC 9111 section 5.2.1.7
+            return httpx.Response(504, extensions={CACHE_EXTENSION: "miss"})
+        return self._fetch(cache, request, look, record, entry)
+
+    def _fetch(
+        self,
+        cache: PrivateCache,
+        request: httpx.Request,
+        look: Lookup,
+        record: Record | None,
+        entry: Entry | None,
+    ) -> httpx.Response:
+        clock = cache.clock
+        sent = cache.conditional(request, entry) if entry is not None else None
+        request_time = clock.time()
+        try:
+            response = self._exchange(request if sent is None else sent)
+        except STALE_ERRORS:
+            now = clock.time()
+            if entry is None or not cache.stale_if_error(entry, now):
+                raise
+            cache.count("stale", "", look.key)
+            return cache.answer(entry, now, "stale-if-error")
+        response_time = clock.time()
+        status = response.status_code
+        if entry is not None:
+            if status == 304 and sent is not None:
+                return self._revalidated(
+                    cache, request, response, look, record, entry, request_time, response_time
+                )
+            if status >= 500 and cache.stale_if_error(entry, response_time):
+                response.close()
+                cache.count("stale", "", look.key)
+                return cache.answer(entry, response_time, "stale-if-error")
+        response.extensions[CACHE_EXTENSION] = "miss"
+        headers = lower(response.headers)
+        decision = cache.decide(status, headers, look, request_time, response_time)
+        if decision is None or cache.too_long(headers):
+            if entry is not None and status < 500:
+                self._forget(cache, look, record)  # superseded by what came
+            return response
+        store = cache.store
+
+        def keep(body: bytes) -> None:
+            if not complete(headers, len(body)):
+                return  # cut short: a fraction must never be served as the whole
+            now = clock.time()
+            new = cache.entry(status, headers, body, decision, now)
+            if new is not None:
+                value, ttl = cache.with_entry(record, look, new, now)
+                store.set(look.key, value, ttl=ttl)
+
+        return httpx.Response(
+            status,
+            headers=response.headers.raw,
+            stream=_SyncTee(cast(httpx.SyncByteStream, response.stream), cache.max_body, keep),
+            extensions=response.extensions,
+        )
+
+    def _revalidated(
+        self,
+        cache: PrivateCache,
+        request: httpx.Request,
+        response: httpx.Response,
+        look: Lookup,
+        record: Record | None,
+        entry: Entry,
+        request_time: float,
+        response_time: float,
+    ) -> httpx.Response:
+        """A 304 to our conditional request: freshen the entry and answer from it; one
+        about another response (RFC 9111 section 4.3.4) drops it and asks again."""
+        response.read()  # nothing, but the connection goes back to the pool
+        update = lower(response.headers)
+        if not selects(entry["et"], entry["lm"], update):
+            self._forget(cache, look, record)
+            return self._fetch(cache, request, look, None, None)
+        served, kept = cache.refreshed(entry, update, look, request_time, response_time)
+        now = cache.clock.time()
+        if kept is not None:
+            value, ttl = cache.with_entry(record, look, kept, now)
+            cache.store.set(look.key, value, ttl=ttl)
+        else:
+            self._forget(cache, look, record)
+        return cache.answer(served, now, "revalidated")
+
+    def _forget(self, cache: PrivateCache, look: Lookup, record: Record | None) -> None:
+        if record is None:
+            return
+        rest = cache.without(record, look, cache.clock.time())
+        if rest is None:
+            cache.store.delete(look.key)
+        else:
+            cache.store.set(look.key, rest[0], ttl=rest[1])
 
     # -- the retry layer -------------------------------------------------------------------
 

@@ -13,11 +13,13 @@ __all__ = ["AsyncResilientTransport", "ResilientTransport"]
 
 class ResilientTransport(SyncTransportOps, httpx.BaseTransport):
     """An ``httpx.BaseTransport`` for ``httpx.Client``: per-host breakers from a
-    template, safe retries, the server's published limits, a client-side limiter.
+    template, safe retries, the server's published limits, a client-side limiter, and
+    a private RFC 9111 cache.
 
     ``ResilientTransport(transport=None, *, breaker=None, retry=None, limiter=None,
-    follow_server_limits=True, holds=None, max_wait=0.0, ...)``; ``transport`` is the
-    inner transport (default: ``httpx.HTTPTransport()``). See docs/httpx.md.
+    cache=None, follow_server_limits=True, holds=None, max_wait=0.0, ...)``;
+    ``transport`` is the inner transport (default: ``httpx.HTTPTransport()``), ``cache``
+    a TwoTierCache. See docs/httpx.md.
     """
 
     transport: httpx.BaseTransport

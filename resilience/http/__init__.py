@@ -35,7 +35,12 @@ from resilience.http.caching import (
     vary_fields,
 )
 from resilience.http.dates import format_http_date, http_date
-from resilience.http.invalidation import SAFE_METHODS, invalidated_targets, invalidates
+from resilience.http.invalidation import (
+    SAFE_METHODS,
+    invalidated_targets,
+    invalidates,
+    normalise_percent,
+)
 from resilience.http.ranges import UNSATISFIABLE, byte_range, content_range, if_range_matches
 from resilience.http.structured import parse_dictionary
 from resilience.http.validation import (
@@ -81,6 +86,7 @@ __all__ = [
     "invalidated_targets",
     "invalidates",
     "normalise",
+    "normalise_percent",
     "not_modified",
     "not_modified_headers",
     "parse_dictionary",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from typing import Final
 
 from resilience.http.caching import Headers
 
-__all__ = ["SAFE_METHODS", "invalidated_targets", "invalidates"]
+__all__ = ["SAFE_METHODS", "invalidated_targets", "invalidates", "normalise_percent"]
 
 #: Safe methods (RFC 9110 section 9.2.1 and the IANA method registry). Every other
 #: method, one never heard of included, is unsafe.
@@ -15,6 +16,22 @@ SAFE_METHODS: Final = frozenset(
     {"GET", "HEAD", "OPTIONS", "TRACE", "PROPFIND", "REPORT", "SEARCH", "QUERY"}
 )
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_PERCENT: Final = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _percent(found: re.Match[str]) -> str:
+    char = chr(int(found.group(1), 16))
+    return char if char in _UNRESERVED else "%" + found.group(1).upper()
+
+
+def normalise_percent(text: str) -> str:
+    """A path or query with its percent-encoding normalised for use in a cache key
+    (RFC 3986 section 6.2.2.1-2): hex digits in upper case, encoded unreserved characters
+    decoded (``%7E`` is ``~``, ``%41`` is ``A``). Reserved characters stay encoded,
+    since encoding them changes the meaning (``%2F`` is not ``/``, ``%3F`` not ``?``);
+    so do malformed escapes."""
+    return _PERCENT.sub(_percent, text) if "%" in text else text
 
 
 def invalidates(method: str, status: int) -> bool:
