@@ -4,6 +4,7 @@ Four groups, each measured in this one process with its cases interleaved:
 
 a. closed state, sync decorated call     c. open-state rejection (sync)
 b. closed state, async decorated call    d. 8 threads through a GIL-releasing 1 ms call
+e. fleet mode on vs off (RedisFleet; needs Redis, skipped without it)
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from benchmarks._harness import (
     run_async,
     settings,
 )
+from benchmarks._redis import redis_or_reason, redis_url, unlink_prefix
 from resilience.metrics import Metrics
 
 PEERS = ("circuitbreaker", "pybreaker", "purgatory", "aiobreaker")
@@ -351,6 +353,61 @@ def thread_scaling(peers: dict[str, Any], quick: bool) -> Group:
     return group
 
 
+# -- e. fleet mode ------------------------------------------------------------------------
+
+FLEET_PREFIX: Final = "resilience-bench:fleet"
+
+
+def fleet_mode(s: Settings) -> Group:
+    group = Group(
+        "e. fleet mode on vs off, sync decorated call, watched", "ns/op", {}, "bare", WATCHED
+    )
+    client, reason = redis_or_reason(redis_url())
+    if client is None:
+        group.skipped.append(f"fleet mode: {reason}")
+        return group
+    rate = rs.FailureRate(0.5, window=100, minimum_calls=20)
+    fleet = rs.RedisFleet(client, interval=1.0, prefix=FLEET_PREFIX)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+
+    def watched(name: str, **kwargs: Any) -> rs.CircuitBreaker:
+        breaker = rs.CircuitBreaker(name, recovery_timeout=RECOVERY_S, **kwargs)
+        metrics.watch(breaker)
+        return breaker
+
+    fns: dict[str, Callable[[int], object]] = {
+        "bare": work,
+        WATCHED: watched("bench-fleet-off", failure_threshold=THRESHOLD)(work),
+        "ours, watched, fleet": watched("bench-fleet-on", failure_threshold=THRESHOLD, fleet=fleet)(
+            work
+        ),
+        "rate, watched": watched("bench-fleet-rate-off", failure_rate=rate)(work),
+        "rate, watched, fleet": watched("bench-fleet-rate-on", failure_rate=rate, fleet=fleet)(
+            work
+        ),
+    }
+    try:
+        for fn in fns.values():
+            _expect_value(fn)
+        flushes = fleet.flushes
+        group.results = measure_sync({name: call_loop(fn) for name, fn in fns.items()}, s)
+        group.notes.append(
+            "rate rows (FailureRate 0.5 over 100 calls) compare with each other: a watched"
+            " rate rule times every call and takes the lock, with or without a fleet"
+        )
+        group.notes.append(
+            f"the fleet flushed {fleet.flushes - flushes} times in the background meanwhile"
+            f" (2 breakers, interval {fleet.interval:g} s); calls send nothing to Redis"
+            " (tests/test_breaker_fleet.py counts the server's commands)"
+        )
+    finally:
+        fleet.close()
+        unlink_prefix(client, FLEET_PREFIX)
+        client.close()
+    return group
+
+
 # -- entry point --------------------------------------------------------------------------
 
 
@@ -372,6 +429,7 @@ def main(quick: bool) -> dict[str, Any]:
         ("closed_async", lambda: closed_async(peers, s)),
         ("open_rejection", lambda: open_rejection(peers, s)),
         ("threads", lambda: thread_scaling(peers, quick)),
+        ("fleet", lambda: fleet_mode(s)),
     ]
     for key, build in builders:
         groups[key] = build()
@@ -392,6 +450,10 @@ def main(quick: bool) -> dict[str, Any]:
             peer_label="no-breaker",
         ),
     ]
+    if groups["fleet"].results:  # Redis answered
+        targets.append(
+            check_target("fleet mode on", groups["fleet"], "ours, watched, fleet", WATCHED, 1.2)
+        )
     print("\n## targets (paired ratio of raw ns/op or wall time, not of overhead)")
     for target in targets:
         print_target(target)

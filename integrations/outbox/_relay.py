@@ -20,7 +20,7 @@ from typing import Any, Final
 import anyio
 
 from resilience import clock as _clock
-from resilience.breaker import CircuitBreaker, CircuitState
+from resilience.breaker import CircuitBreaker, CircuitState, RedisFleet
 from resilience.events import Dispatcher, Listener, Telemetry
 from resilience.integrations.outbox._model import (
     Backoff,
@@ -125,6 +125,7 @@ class PublisherBase:
         *,
         broker: Broker,
         breaker: CircuitBreaker | None = None,
+        fleet: RedisFleet | None = None,
         batch_size: int = 100,
         max_attempts: int = 10,
         backoff: Backoff | None = None,
@@ -146,6 +147,10 @@ class PublisherBase:
             )
         if breaker is not None and not isinstance(breaker, CircuitBreaker):
             raise TypeError(f"breaker must be a CircuitBreaker, got {type(breaker).__name__}")
+        if fleet is not None and not isinstance(fleet, RedisFleet):
+            raise TypeError(f"fleet must be a RedisFleet, got {type(fleet).__name__}")
+        if fleet is not None and breaker is not None:
+            raise ValueError("fleet: pass it to your breaker (CircuitBreaker(..., fleet=...))")
         if backoff is not None and not isinstance(backoff, Backoff):
             raise TypeError(f"backoff must be a Backoff, got {type(backoff).__name__}")
         self.store = store
@@ -172,7 +177,7 @@ class PublisherBase:
         )
         self._clock = _clock.resolve(clock)
         self.breaker = breaker or CircuitBreaker(
-            f"outbox:{name}", failure_threshold=3, recovery_timeout=5.0, clock=clock
+            f"outbox:{name}", failure_threshold=3, recovery_timeout=5.0, clock=clock, fleet=fleet
         )
         self._random = random_source or random.Random()
         self._events: Dispatcher[Any] = Dispatcher(listeners)
@@ -288,6 +293,13 @@ class PublisherBase:
                 self.max_attempts,
                 dead_rows[0].id,
                 dead_rows[0].error,
+                extra={
+                    "resilience_event": "outbox.dead",
+                    "resilience_name": self.name,
+                    "resilience_count": len(dead_rows),
+                    "resilience_topic": next(e.topic for e in events if e.id == dead_rows[0].id),
+                    "resilience_error_type": dead_rows[0].error.split(": ")[1],
+                },
             )
         return plan
 
@@ -414,7 +426,14 @@ class Waker:
                 await conn.execute(f'LISTEN "{self._channel}"')
                 self._conn = conn
             except Exception as error:
-                log.info("outbox: no LISTEN wake-ups (%s); polling only", error)
+                log.info(
+                    "outbox: no LISTEN wake-ups (%s); polling only",
+                    error,
+                    extra={
+                        "resilience_event": "outbox.listen_unavailable",
+                        "resilience_error_type": type(error).__name__,
+                    },
+                )
                 self._dsn = None
         return self._conn
 
@@ -431,7 +450,14 @@ class Waker:
             async for _ in conn.notifies(timeout=seconds, stop_after=1):
                 pass
         except Exception as error:
-            log.info("outbox: LISTEN connection lost (%s); polling only", error)
+            log.info(
+                "outbox: LISTEN connection lost (%s); polling only",
+                error,
+                extra={
+                    "resilience_event": "outbox.listen_lost",
+                    "resilience_error_type": type(error).__name__,
+                },
+            )
             await self.aclose()
             self._dsn = None
 

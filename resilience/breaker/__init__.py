@@ -2,6 +2,7 @@
 
 from resilience.breaker.breaker import BreakerEvent, CircuitBreaker, Permit
 from resilience.breaker.policy import (
+    FLEET_TRANSITIONS,
     OPERATOR_TRIGGERS,
     TRANSITIONS,
     BreakerMode,
@@ -10,6 +11,7 @@ from resilience.breaker.policy import (
     CallRejected,
     CircuitState,
     FailureRate,
+    FleetVerdict,
     Outcome,
     SlowCallRate,
     StateChanged,
@@ -18,7 +20,12 @@ from resilience.breaker.policy import (
 from resilience.breaker.registry import breakers, get_breaker
 from resilience.breaker.store import RedisBreakerStore
 
+# isort: split
+# After the names above: the fleet imports resilience.remote, which imports them.
+from resilience.breaker.fleet import RedisFleet
+
 __all__ = [
+    "FLEET_TRANSITIONS",
     "OPERATOR_TRIGGERS",
     "TRANSITIONS",
     "BreakerEvent",
@@ -29,9 +36,11 @@ __all__ = [
     "CircuitBreaker",
     "CircuitState",
     "FailureRate",
+    "FleetVerdict",
     "Outcome",
     "Permit",
     "RedisBreakerStore",
+    "RedisFleet",
     "SlowCallRate",
     "StateChanged",
     "Trigger",

@@ -110,9 +110,12 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
         listeners: Iterable[Listener[BreakerEvent]] = (),
         clock: Clock | None = None,
         store: Any = None,
+        fleet: Any = None,
     ) -> None:
         if store is not None and not callable(getattr(store, "attach", None)):
             raise TypeError(f"store must be a RedisBreakerStore, got {type(store).__name__}")
+        if fleet is not None and not callable(getattr(fleet, "attach", None)):
+            raise TypeError(f"fleet must be a RedisFleet, got {type(fleet).__name__}")
         if failure_threshold is _UNSET:
             # A rate rule replaces the consecutive count unless both are asked for.
             rates = failure_rate is not None or slow_call_rate is not None
@@ -156,6 +159,10 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
         self.store = store
         if store is not None:
             store.attach(self)
+        #: The RedisFleet this breaker decides with, or None (see resilience.breaker.fleet).
+        self.fleet = fleet
+        if fleet is not None:
+            fleet.attach(self)
 
     @property
     def name(self) -> str:
@@ -166,8 +173,8 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
 
     def copy(self, name: str) -> CircuitBreaker:
         """A new breaker called ``name``, configured like this one: the same thresholds,
-        timeouts, rate rules, ``include``/``exclude``, ``fail_on_result``, clock and store
-        (a store shares the copy's state under its own name). It starts closed, with no
+        timeouts, rate rules, ``include``/``exclude``, ``fail_on_result``, clock, store and
+        fleet (both share the copy's state under its own name). It starts closed, with no
         counts, in the normal mode; listeners are not copied (add them to the copy)."""
         settings = {
             field.name: getattr(self.config, field.name)
@@ -182,6 +189,7 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
             fail_on_result=self._fail_on_result,
             clock=self._clock,
             store=self.store,
+            fleet=self.fleet,
         )
 
     # -- listeners -----------------------------------------------------------------------
@@ -250,6 +258,8 @@ class CircuitBreaker(SyncBreakerOps, AsyncBreakerOps):
             self._read,
             listen=self.add_listener,
             timed=(CallFinished,),
+            # A fleet's guard around Redis: its outages and fallbacks, as a backend's.
+            links=() if self.fleet is None else (self.fleet.guard,),
         )
 
     def _read(self) -> dict[str, Any]:

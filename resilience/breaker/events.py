@@ -14,6 +14,7 @@ __all__ = [
     "CallFinished",
     "CallRejected",
     "CircuitState",
+    "FleetVerdict",
     "Outcome",
     "StateChanged",
     "Trigger",
@@ -51,6 +52,20 @@ class Trigger(enum.Enum):
     DISABLE = "disable"
     RESET = "reset"
     HALF_OPEN = "half_open"  # half_open(): an operator starts probing now
+    # The fleet's verdicts (resilience.breaker.fleet), applied by the same table.
+    FLEET_OPEN = "fleet_open"  # a quorum tripped, or a probe elsewhere failed
+    FLEET_PROBE = "fleet_probe"  # this instance holds the fleet's probe lease
+    FLEET_CLOSE = "fleet_close"  # the fleet's probe succeeded
+
+
+class FleetVerdict(enum.Enum):
+    """What the fleet (resilience.breaker.fleet) tells one instance's state machine."""
+
+    OPEN = "open"  # open for the fleet's time left: a quorum tripped, or its probe failed
+    HOLD = "hold"  # the fleet is open: an open breaker waits for the probe lease
+    PROBE = "probe"  # this instance holds the probe lease: half-open
+    CLOSE = "close"  # the fleet's probe succeeded: closed
+    LOCAL = "local"  # the fleet is out of reach: decide alone
 
 
 @dataclass(frozen=True, slots=True)

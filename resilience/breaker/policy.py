@@ -25,6 +25,7 @@ from resilience.breaker.events import (
     CallRejected,
     CircuitState,
     Event,
+    FleetVerdict,
     Outcome,
     StateChanged,
     Trigger,
@@ -32,6 +33,7 @@ from resilience.breaker.events import (
 from resilience.breaker.windows import make_window
 
 __all__ = [
+    "FLEET_TRANSITIONS",
     "OPERATOR_TRIGGERS",
     "TRANSITIONS",
     "BreakerConfig",
@@ -42,6 +44,7 @@ __all__ = [
     "CallRejected",
     "CircuitState",
     "FailureRate",
+    "FleetVerdict",
     "Outcome",
     "SlowCallRate",
     "StateChanged",
@@ -68,6 +71,19 @@ TRANSITIONS: Final[dict[tuple[CircuitState, Trigger], CircuitState]] = {
 OPERATOR_TRIGGERS: Final = frozenset(
     {Trigger.FORCE_OPEN, Trigger.FORCE_CLOSED, Trigger.DISABLE, Trigger.RESET, Trigger.HALF_OPEN}
 )
+
+#: The fleet's verdicts (see ``BreakerPolicy.fleet_verdict``): what a decision shared
+#: through Redis does to this instance. A verdict that finds no entry changes nothing
+#: (a fleet that opens finds this instance open already). Kept beside TRANSITIONS, whose
+#: diagram is the one in the design notes.
+FLEET_TRANSITIONS: Final[dict[tuple[CircuitState, Trigger], CircuitState]] = {
+    (_C, Trigger.FLEET_OPEN): _O,
+    (_H, Trigger.FLEET_OPEN): _O,
+    (_O, Trigger.FLEET_PROBE): _H,
+    (_O, Trigger.FLEET_CLOSE): _C,
+    (_H, Trigger.FLEET_CLOSE): _C,
+}
+_TABLE: Final = {**TRANSITIONS, **FLEET_TRANSITIONS}
 
 _MODE_AFTER: Final[dict[Trigger, BreakerMode]] = {
     Trigger.FORCE_OPEN: BreakerMode.FORCED_OPEN,
@@ -116,6 +132,11 @@ class BreakerPolicy:
         self.probes: dict[int, float] = {}  # token -> lease deadline
         self._next_probe = 1
         self.events: list[Event] = []
+        #: Set by the fleet's verdicts: while the fleet is open, an open breaker whose
+        #: time is up waits for the probe lease instead of going half-open by itself,
+        #: and tells callers to ask again in ``fleet_wait`` seconds.
+        self.fleet_hold = False
+        self.fleet_wait = 0.0
         self._failure_window = (
             make_window(config.failure_rate) if config.failure_rate is not None else None
         )
@@ -183,7 +204,7 @@ class BreakerPolicy:
 
     def _transition(self, trigger: Trigger, now: float, forced_for: float | None = None) -> None:
         old = self.state
-        new = TRANSITIONS[(old, trigger)]
+        new = _TABLE[(old, trigger)]
         self.mode = _MODE_AFTER.get(trigger, self.mode)
         self.state = new
         self.gen += 1
@@ -193,6 +214,10 @@ class BreakerPolicy:
             if trigger is Trigger.FORCE_OPEN:
                 # Untimed: until an operator says otherwise. Timed: then half-open.
                 self.open_until = math.inf if forced_for is None else now + forced_for
+            elif trigger is Trigger.FLEET_OPEN:
+                self.trips += 1
+                self.total_trips += 1
+                self.open_until = now + (forced_for or 0.0)  # the fleet's time left
             else:
                 self.trips += 1
                 self.total_trips += 1
@@ -236,8 +261,29 @@ class BreakerPolicy:
         """Move an open breaker to half-open once its recovery time (or the duration of
         a timed force-open) has passed. Open means normal or forced open, and an
         untimed force never ends: its ``open_until`` is infinite."""
-        if self.state is _O and now >= self.open_until:
+        if (
+            self.state is _O
+            and now >= self.open_until
+            and not (self.fleet_hold and self.mode is BreakerMode.NORMAL)
+        ):
             self._transition(Trigger.RECOVERY_ELAPSED, now)
+
+    def fleet_verdict(self, verdict: FleetVerdict, now: float, retry_after: float = 0.0) -> None:
+        """Apply what the fleet decided (FLEET_TRANSITIONS). ``retry_after``: for OPEN and
+        HOLD, the seconds left of the fleet's open period. Forced and disabled modes keep
+        their state: an operator outranks the fleet."""
+        self.fleet_hold = verdict is not FleetVerdict.CLOSE and verdict is not FleetVerdict.LOCAL
+        state = self.state
+        if self.mode is BreakerMode.NORMAL and verdict is not FleetVerdict.LOCAL:
+            if verdict is FleetVerdict.OPEN and state is not _O:
+                self._transition(Trigger.FLEET_OPEN, now, retry_after)
+            elif verdict is FleetVerdict.OPEN or (verdict is FleetVerdict.HOLD and state is _O):
+                self.open_until = now + retry_after  # the fleet's period, not ours
+            elif verdict is FleetVerdict.PROBE and state is _O:
+                self._transition(Trigger.FLEET_PROBE, now)
+            elif verdict is FleetVerdict.CLOSE and state is not _C:
+                self._transition(Trigger.FLEET_CLOSE, now)
+        self._refresh()
 
     # -- admission -----------------------------------------------------------------------
 
@@ -254,7 +300,9 @@ class BreakerPolicy:
         if state is _C:
             return (self.gen, 0, self.counted)
         if state is _O:
-            return self._reject(self.open_until - now, now)
+            left = self.open_until - now
+            # Past its time only while the fleet holds it: the lease goes out at a flush.
+            return self._reject(left if left > 0 else self.fleet_wait, now)
         probes = self.probes
         if len(probes) >= self.config.half_open_max_calls:
             # A probe whose lease ran out (hung, or its caller vanished) gives its slot back.
@@ -390,7 +438,8 @@ class BreakerPolicy:
         if self.state is _O:
             if self.mode is BreakerMode.FORCED_OPEN:
                 return self.forced_retry_after(now)
-            return max(0.0, self.open_until - now)
+            left = self.open_until - now
+            return left if left > 0 else self.fleet_wait
         return 0.0
 
     def stats(self, now: float) -> BreakerStats:

@@ -210,11 +210,29 @@ class RedisBreakerStore:
         except OUTAGE_ERRORS as error:
             if self._healthy:
                 self._healthy = False
-                log.warning("resilience breaker store unavailable (%s); breakers go on", error)
+                log.warning(
+                    "resilience breaker store unavailable (%s); breakers go on",
+                    error,
+                    extra={
+                        "resilience_event": "breaker_store.unavailable",
+                        "resilience_name": self.prefix,
+                        "resilience_from_state": "available",
+                        "resilience_to_state": "unavailable",
+                        "resilience_error_type": type(error).__name__,
+                    },
+                )
             return
         if not self._healthy:
             self._healthy = True
-            log.warning("resilience breaker store recovered")
+            log.warning(
+                "resilience breaker store recovered",
+                extra={
+                    "resilience_event": "breaker_store.recovered",
+                    "resilience_name": self.prefix,
+                    "resilience_from_state": "unavailable",
+                    "resilience_to_state": "available",
+                },
+            )
 
     def _apply(self, breaker: CircuitBreaker, raw: str | None, now_ms: int) -> None:
         force, until = _parse(raw, now_ms)
@@ -245,7 +263,17 @@ class RedisBreakerStore:
         else:
             breaker.reset()
             what = "lifted"
-        log.warning("resilience breaker %r: operator override %s", breaker.name, what)
+        log.warning(
+            "resilience breaker %r: operator override %s",
+            breaker.name,
+            what,
+            extra={
+                "resilience_event": "breaker.override",
+                "resilience_name": breaker.name,
+                "resilience_reason": what,
+                "resilience_backend": self.prefix,
+            },
+        )
 
     # -- what operators do (the CLI) -----------------------------------------------------
 
