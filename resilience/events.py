@@ -15,26 +15,72 @@ holds its own lock, so the queue order is the order of its transitions. After
 releasing that lock, whoever produced events calls :meth:`Dispatcher.drain` (or
 :meth:`adrain`). One drainer at a time delivers; others return at once and their
 events are delivered by the drainer that holds the turn, so order holds across
-threads and tasks without anyone waiting on a listener.
+threads and tasks without anyone waiting on a listener. A listener wrapped in
+:func:`in_context` runs in the context of the code that produced each event (its
+current span, for span events), whichever thread delivers it.
+
+**Logs.** The sink writes one log line per breaker state change it carries (logger
+``resilience.breaker``), with its fields as ``extra``: see :data:`LOG_FIELDS`.
+
+**Event-time hooks.** A :class:`Tally` may have hooks (:meth:`Tally.hook`), called on
+every ``add()`` in the caller's thread and context; a Tally without any keeps ``add``
+one C-level call. :func:`tallies` finds a primitive's tallies by the convention that
+the Tally read as ``key`` lives in the attribute ``_key``.
+
+**Watching.** :class:`Watchlist` is what a consumer watches: targets and the links they
+report through, re-read at every scrape so links made later (an httpx transport's
+per-host breakers) are found without being handed over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import hashlib
 import inspect
 import itertools
 import logging
 import sys
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+from typing import Any, Final, Generic, Protocol, TypeVar, runtime_checkable
 
-__all__ = ["KINDS", "Dispatcher", "Listener", "Observable", "Tally", "Telemetry"]
+__all__ = [
+    "KINDS",
+    "LOG_FIELDS",
+    "Dispatcher",
+    "Listener",
+    "Observable",
+    "Tally",
+    "Telemetry",
+    "Watched",
+    "Watchlist",
+    "in_context",
+    "key_hash",
+    "tallies",
+]
 
 log = logging.getLogger("resilience")
+breaker_log = logging.getLogger("resilience.breaker")
+
+#: The ``extra`` fields the package's log lines carry (each line those that apply), so
+#: JSON handlers and structlog's stdlib bridge show them as fields. Stable names.
+LOG_FIELDS: Final = (
+    "resilience_event",  # what happened, a stable dotted name: "breaker.state_changed", ...
+    "resilience_name",  # the breaker's, backend's, cache's, publisher's or policy's name
+    "resilience_from_state",  # a transition's old state ("closed", "available", ...)
+    "resilience_to_state",  # and its new one
+    "resilience_reason",  # why: a breaker's trigger ("trip", "probe_failed", ...)
+    "resilience_error_type",  # the error's class name, never its arguments
+    "resilience_key_hash",  # key_hash(key): a key is never logged as it is
+    "resilience_backend",  # what the line's primitive talks to (a Redis prefix, a broker)
+    "resilience_on_error",  # a backend's policy while it is away ("local", "fail_open", ...)
+    "resilience_topic",  # an outbox topic
+    "resilience_count",  # how many (events, rows) the line is about
+)
 
 E = TypeVar("E")
 #: A listener takes one event and returns None, or an awaitable for async listeners.
@@ -83,15 +129,19 @@ class Tally:
     """A monotonic count that threads may bump without a lock: ``add()`` is one C-level
     ``next()`` on an ``itertools.count`` (atomic in CPython, unlike ``+= 1``), which is
     what a hot path can afford. ``value()`` is for scrapes: a read advances the count
-    too, so reads are subtracted, under a lock of their own."""
+    too, so reads are subtracted, under a lock of their own.
 
-    __slots__ = ("_count", "_lock", "_reads", "add")
+    :meth:`hook` makes ``add()`` call functions too (in the caller's thread and context:
+    span events); only a hooked Tally pays for it."""
+
+    __slots__ = ("_count", "_hooks", "_lock", "_reads", "add")
 
     def __init__(self) -> None:
         self._count = itertools.count()
         self._reads = 0
         self._lock = threading.Lock()
-        self.add = self._count.__next__
+        self._hooks: tuple[Callable[[], object], ...] = ()
+        self.add: Callable[[], int] = self._count.__next__
 
     def value(self) -> int:
         with self._lock:
@@ -99,18 +149,224 @@ class Tally:
             self._reads += 1
             return n
 
+    def hook(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` after every ``add()``. A hook that raises is logged, not raised."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        with self._lock:
+            self._hooks = (*self._hooks, fn)
+            self._route()
+
+    def unhook(self, fn: Callable[[], object]) -> None:
+        with self._lock:
+            if fn not in self._hooks:
+                raise ValueError(f"hook {fn!r} is not installed")
+            hooks = list(self._hooks)
+            hooks.remove(fn)
+            self._hooks = tuple(hooks)
+            self._route()
+
+    def _route(self) -> None:
+        bump, hooks = self._count.__next__, self._hooks
+        if not hooks:
+            self.add = bump  # back to one C-level call
+            return
+
+        failed: set[int] = set()
+
+        def add() -> int:
+            n = bump()
+            for fn in hooks:
+                try:
+                    fn()
+                except Exception:  # the first failure of each hook at ERROR, then DEBUG
+                    level = logging.DEBUG if id(fn) in failed else logging.ERROR
+                    failed.add(id(fn))
+                    log.log(level, "resilience tally hook %r failed", fn, exc_info=True,
+                            extra=_LISTENER_FAILED)  # fmt: skip
+            return n
+
+        self.add = add  # one attribute store: adders switch over atomically
+
+
+@dataclass(frozen=True, slots=True)
+class Watched:
+    """One watched primitive: the object, its telemetry, and when watching began."""
+
+    target: object
+    telemetry: Telemetry
+    since: float
+
+
+class Watchlist:
+    """What a consumer watches: the targets it was given and, transitively, the
+    primitives they report through (``Telemetry.links``), each once (by identity).
+
+    :meth:`refresh` asks every watched object for its telemetry again and adds links
+    that appeared since (an httpx transport makes a breaker per host when it first
+    calls it), so a scrape finds them without ``on_new_breaker``. It costs one
+    ``telemetry()`` per watched object per scrape, and nothing is added twice.
+    """
+
+    def __init__(self, on_new: Callable[[Watched], None], *, now: Callable[[], float]) -> None:
+        self._on_new = on_new
+        self._now = now
+        self._entries: dict[int, Watched] = {}
+        self._lock = threading.RLock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[Watched]:
+        return iter(list(self._entries.values()))
+
+    def add(self, *targets: object) -> None:
+        """Watch ``targets`` and their links; TypeError for what has no telemetry."""
+        for target in targets:
+            self._add(target, strict=True)
+
+    def refresh(self) -> list[Watched]:
+        """Re-read every watched object's links, watch the new ones; then all entries."""
+        with self._lock:
+            for entry in list(self._entries.values()):
+                try:
+                    links = _describe(entry.target).links
+                except Exception:  # a scrape goes on without what one object cannot say
+                    continue
+                for link in links:
+                    if id(link) not in self._entries:
+                        self._add(link, strict=False)
+            return list(self._entries.values())
+
+    def _add(self, target: object, *, strict: bool) -> None:
+        with self._lock:
+            todo = [target]
+            while todo:
+                item = todo.pop()
+                if id(item) in self._entries:
+                    continue
+                try:
+                    telemetry = _describe(item)
+                except TypeError:
+                    if strict:
+                        raise
+                    continue
+                entry = Watched(item, telemetry, self._now())
+                self._entries[id(item)] = entry
+                self._on_new(entry)
+                todo.extend(reversed(telemetry.links))
+
+
+def _describe(target: object) -> Telemetry:
+    describe = getattr(target, "telemetry", None)
+    telemetry = describe() if callable(describe) else None
+    if not isinstance(telemetry, Telemetry) or telemetry.kind not in KINDS:
+        raise TypeError(
+            "watch() takes breakers, limiters, caches, outbox publishers, Redis "
+            f"backends and policies, got {type(target).__name__}"
+        )
+    return telemetry
+
+
+def tallies(target: object) -> dict[str, Tally]:
+    """``target``'s tallies by the key its telemetry reads them as: by convention the
+    Tally read as ``"rejected"`` lives in ``target._rejected``. For event-time hooks
+    (span events) on primitives whose events are not otherwise delivered."""
+    found: dict[str, Tally] = {}
+    names: set[str] = set(getattr(target, "__dict__", {}))
+    for cls in type(target).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        names.update((slots,) if isinstance(slots, str) else slots)
+    for attr in sorted(names):
+        if attr.startswith("_") and not attr.startswith("__"):
+            value = getattr(target, attr, None)
+            if isinstance(value, Tally):
+                found[attr[1:]] = value
+    return found
+
+
+def key_hash(key: object) -> str:
+    """A short stable digest of a key, for logs: the key itself may be personal data."""
+    return hashlib.sha256(str(key).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+class _Stamped:
+    """A queued event with the context that produced it (see :func:`in_context`)."""
+
+    __slots__ = ("context", "event")
+
+    def __init__(self, event: object, context: contextvars.Context) -> None:
+        self.event = event
+        self.context = context
+
+
+class _Queue(deque[Any]):
+    """A dispatcher's queue. ``append``/``extend`` are per-instance attributes, so a
+    dispatcher with an :func:`in_context` listener can stamp each event with the
+    producer's context, and one without keeps deque's own methods, pre-bound."""
+
+    __slots__ = ("append", "extend")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plain()
+
+    def plain(self) -> None:
+        self.append = super().append  # type: ignore[method-assign]
+        self.extend = super().extend  # type: ignore[method-assign]
+
+    def stamped(self) -> None:
+        push, push_all, context = super().append, super().extend, contextvars.copy_context
+
+        def append(event: object) -> None:
+            push(_Stamped(event, context()))
+
+        def extend(events: Iterable[object]) -> None:
+            now = context()
+            push_all([_Stamped(event, now) for event in events])
+
+        self.append = append  # type: ignore[method-assign]
+        self.extend = extend  # type: ignore[method-assign]
+
+
+class in_context:
+    """Wrap a sync listener so it runs in the context of the code whose call produced
+    each event (its contextvars: the current span), even when another thread delivers
+    it. Events are stamped only while such a listener is registered."""
+
+    __slots__ = ("listener",)
+
+    def __init__(self, listener: Callable[[Any], object]) -> None:
+        if not callable(listener):
+            raise TypeError(f"listener must be callable, got {type(listener).__name__}")
+        if _is_async(listener):
+            raise TypeError("in_context takes a sync listener")
+        self.listener = listener
+
+    def __call__(self, event: Any) -> None:
+        self.listener(event)
+
+    def __repr__(self) -> str:
+        return f"in_context({self.listener!r})"
+
 
 class Dispatcher(Generic[E]):
-    __slots__ = ("_background", "_filters", "_listeners", "_turn", "has_async", "queue")
+    __slots__ = (
+        "_background", "_failed", "_filters", "_listeners", "_turn", "has_async", "queue",
+    )  # fmt: skip
 
     def __init__(self, listeners: Iterable[Listener[E]] = ()) -> None:
-        self.queue: deque[E] = deque()
+        self.queue: deque[E] = _Queue()
         self._turn = threading.Lock()
         self._listeners: tuple[Listener[E], ...] = ()
         # Per listener: the event types it wants, or None for all.
         self._filters: dict[int, tuple[type, ...] | None] = {}
         self._background: set[Any] = set()
+        # Listeners that have raised (by id; held in _listeners, so ids are stable).
+        self._failed: set[int] = set()
         self.has_async = False
+        if not _WRITERS:
+            _load_writers()
         for listener in listeners:
             self.add(listener)
 
@@ -129,6 +385,8 @@ class Dispatcher(Generic[E]):
         self._listeners = (*self._listeners, listener)
         self._filters[id(listener)] = only
         self.has_async = self.has_async or _is_async(listener)
+        if isinstance(listener, in_context):
+            self._stamp()
 
     def remove(self, listener: Listener[E]) -> None:
         # Found by equality, removed by identity: `obj.method` is a new bound method
@@ -138,7 +396,17 @@ class Dispatcher(Generic[E]):
             raise ValueError(f"listener {listener!r} is not registered")
         self._listeners = tuple(x for x in self._listeners if x is not registered)
         del self._filters[id(registered)]
+        self._failed.discard(id(registered))
         self.has_async = any(_is_async(x) for x in self._listeners)
+        self._stamp()
+
+    def _stamp(self) -> None:
+        queue = self.queue
+        assert isinstance(queue, _Queue)
+        if any(isinstance(x, in_context) for x in self._listeners):
+            queue.stamped()
+        else:
+            queue.plain()
 
     def _takes(self, listener: Listener[E], event: E) -> bool:
         only = self._filters[id(listener)]
@@ -154,10 +422,19 @@ class Dispatcher(Generic[E]):
             try:
                 while queue:
                     event = queue.popleft()
+                    context = None
+                    if event.__class__ is _Stamped:
+                        context, event = event.context, event.event  # type: ignore[attr-defined]
+                    write = _WRITERS.get(event.__class__)
+                    if write is not None:
+                        write(event)
                     for listener in self._listeners:
                         if not self._takes(listener, event):
                             continue
-                        result = _call(listener, event)
+                        if context is not None and listener.__class__ is in_context:
+                            context.run(self._call, listener, event)
+                            continue
+                        result = self._call(listener, event)
                         if result is not None:
                             yield listener, result
             finally:
@@ -177,7 +454,29 @@ class Dispatcher(Generic[E]):
                 try:
                     await awaitable
                 except Exception:
-                    log.exception("resilience listener %r failed", listener)
+                    self._failure(listener)
+
+    def _call(self, listener: Callable[[Any], Any], event: object) -> Any:
+        try:
+            result = listener(event)
+        except Exception:
+            self._failure(listener)
+            return None
+        return result if inspect.isawaitable(result) else None
+
+    def _failure(self, listener: object) -> None:
+        """Log a listener's exception: its first at ERROR, with the traceback; later ones
+        at DEBUG, so a listener that fails on every event does not log every call."""
+        first = id(listener) not in self._failed
+        self._failed.add(id(listener))
+        log.log(
+            logging.ERROR if first else logging.DEBUG,
+            "resilience listener %r failed%s",
+            listener,
+            " (later failures of it are logged at DEBUG)" if first else "",
+            exc_info=True,
+            extra=_LISTENER_FAILED,
+        )
 
     def _schedule(self, listener: object, awaitable: Awaitable[None]) -> None:
         """Run an async listener's awaitable that a sync caller produced, without blocking."""
@@ -186,7 +485,7 @@ class Dispatcher(Generic[E]):
             try:
                 await awaitable
             except Exception:
-                log.exception("resilience listener %r failed", listener)
+                self._failure(listener)
 
         try:
             loop = asyncio.get_running_loop()
@@ -209,16 +508,57 @@ class Dispatcher(Generic[E]):
             "resilience async listener %r got an event from a thread with no event loop; "
             "register a sync listener to observe sync callers",
             listener,
+            extra={"resilience_event": "listener.no_loop"},
         )
 
 
-def _call(listener: Callable[[Any], Any], event: object) -> Any:
-    try:
-        result = listener(event)
-    except Exception:
-        log.exception("resilience listener %r failed", listener)
-        return None
-    return result if inspect.isawaitable(result) else None
+_LISTENER_FAILED: Final = {"resilience_event": "listener.failed"}
+
+# -- the log lines the sink writes -------------------------------------------------------
+
+#: Event type -> the function that logs it; filled on the first Dispatcher.
+_WRITERS: dict[type, Callable[[Any], None]] = {}
+#: Triggers an operator (or the code, deliberately) pulls: always INFO.
+_DELIBERATE: Final = frozenset({"force_open", "force_closed", "disable", "reset", "half_open"})
+
+
+def _load_writers() -> None:
+    # Lazily: the breaker's modules import this one.
+    from resilience.breaker.events import StateChanged
+
+    _WRITERS[StateChanged] = _log_state_change
+
+
+def _log_state_change(event: Any) -> None:
+    """One line per breaker transition. A trip is a WARNING and a recovery INFO; the
+    probing between (open -> half-open -> open while the dependency stays down) is
+    DEBUG, so a long outage does not flood the log."""
+    old, new, trigger = event.old.value, event.new.value, event.trigger.value
+    if trigger in _DELIBERATE or new == "closed":
+        level = logging.INFO
+    elif new == "open" and old == "closed":
+        level = logging.WARNING
+    elif new in ("open", "half_open") and old in ("open", "half_open"):
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
+    if not breaker_log.isEnabledFor(level):
+        return
+    breaker_log.log(
+        level,
+        "resilience breaker %r: %s -> %s (%s)",
+        event.breaker,
+        old,
+        new,
+        trigger,
+        extra={
+            "resilience_event": "breaker.state_changed",
+            "resilience_name": event.breaker,
+            "resilience_from_state": old,
+            "resilience_to_state": new,
+            "resilience_reason": trigger,
+        },
+    )
 
 
 def _is_async(listener: object) -> bool:

@@ -14,13 +14,14 @@ histograms=True)``. Labels are the names you gave the objects (breaker, limiter,
 outbox, backend), never a request's key, so the series count stays bounded.
 
 This module knows the telemetry protocol only, no concrete type: anything whose
-``telemetry()`` returns a :class:`~resilience.events.Telemetry` can be watched.
+``telemetry()`` returns a :class:`~resilience.events.Telemetry` can be watched. Links
+are re-read at every scrape, so primitives made after ``watch()`` (an httpx transport's
+per-host breakers) are exported too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -29,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from resilience._clock import SYSTEM_CLOCK
 from resilience.breaker.events import CircuitState, Outcome
-from resilience.events import KINDS, Telemetry
+from resilience.events import Telemetry, Watched, Watchlist
 from resilience.policies.retry import REASONS
 
 __all__ = ["Metrics"]
@@ -48,12 +49,6 @@ _DELAY_BUCKETS: Final = (
 )  # fmt: skip
 #: Topics with a series of their own per outbox; later ones share ``topic="_other"``.
 MAX_OUTBOX_TOPICS: Final = 50
-
-
-@dataclass(frozen=True, slots=True)
-class _Watched:
-    telemetry: Telemetry
-    created: float  # the _created timestamp of its counters: when watching began
 
 
 class Metrics:
@@ -78,7 +73,8 @@ class Metrics:
         self.registry = registry
         self.namespace = namespace
         self.histograms = histograms
-        self._watched: dict[int, _Watched] = {}
+        # Each entry's `since` is its counters' _created timestamp: when watching began.
+        self._watched = Watchlist(self._added, now=SYSTEM_CLOCK.time)
         # The histograms' series exist either way (dashboards find them); they fill only
         # when opted in, since timing every call is the one cost watching cannot hide.
         self.breaker_duration = Histogram(
@@ -100,20 +96,11 @@ class Metrics:
     def watch(self, *targets: Any) -> None:
         """Watch breakers, limiters, caches, outbox publishers, Redis backends and policies
         (retry, budget, timeout, bulkhead, fallback, a pipeline and its members): anything
-        with ``telemetry()``, and what each reports through."""
-        for target in targets:
-            if id(target) in self._watched:
-                continue
-            describe = getattr(target, "telemetry", None)
-            telemetry = describe() if callable(describe) else None
-            if not isinstance(telemetry, Telemetry) or telemetry.kind not in KINDS:
-                raise TypeError(
-                    "watch() takes breakers, limiters, caches, outbox publishers, Redis "
-                    f"backends and policies, got {type(target).__name__}"
-                )
-            self._watched[id(target)] = _Watched(telemetry, SYSTEM_CLOCK.time())
-            self._histogram(telemetry)
-            self.watch(*telemetry.links)
+        with ``telemetry()``, and what each reports through (re-read at every scrape)."""
+        self._watched.add(*targets)
+
+    def _added(self, watched: Watched) -> None:
+        self._histogram(watched.telemetry)
 
     def _histogram(self, telemetry: Telemetry) -> None:
         if telemetry.kind == "outbox":
@@ -401,9 +388,9 @@ class _Scrape(Collector):
 
     def collect(self) -> Iterator[Metric]:
         families = _Families(self.metrics.namespace)
-        for watched in list(self.metrics._watched.values()):
+        for watched in self.metrics._watched.refresh():
             t = watched.telemetry
-            _BY_KIND[t.kind](families, t.name, t.read(), watched.created)
+            _BY_KIND[t.kind](families, t.name, t.read(), watched.since)
         yield from families.made.values()
 
     def describe(self) -> Iterator[Metric]:

@@ -41,6 +41,7 @@ NEEDS_EXTRA_AT_IMPORT = {
     "resilience.integrations.outbox.kafka": "kafka",
     "resilience.integrations.outbox.sqlalchemy": "sqlalchemy",
     "resilience.integrations.httpx": "httpx",
+    "resilience.integrations.otel": "otel",
 }
 # Libraries that must be missing from the fresh venv, or the checks above prove nothing:
 # each extra's, and sniffio/trio (the core must not need them).

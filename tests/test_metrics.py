@@ -356,3 +356,35 @@ def test_counters_never_go_back_when_a_breaker_is_reset(registry: CollectorRegis
     samples = scrape(registry)
     assert value(samples, "breaker_rejected_total", breaker="r") == 2
     assert value(samples, "breaker_calls_total", breaker="r", outcome="failure") == 1
+
+
+def test_links_made_after_watch_are_exported_once(registry: CollectorRegistry) -> None:
+    # Like an httpx transport's per-host breakers: made on first use, after watch().
+    from resilience.events import Telemetry
+
+    class Grows:
+        def __init__(self) -> None:
+            self.breakers: list[rs.CircuitBreaker] = []
+
+        def telemetry(self) -> Telemetry:
+            return Telemetry("pipeline", "grows", dict, links=tuple(self.breakers))
+
+    grows = Grows()
+    metrics = Metrics(registry)
+    metrics.watch(grows)
+    assert not any(name.startswith("resilience_breaker") for name, _ in scrape(registry))
+    grows.breakers.append(rs.CircuitBreaker("host-a"))
+    with pytest.raises(ZeroDivisionError):
+        grows.breakers[0].call(lambda: 1 / 0)
+    samples = scrape(registry)  # found now; its failure was counted from the start
+    assert value(samples, "breaker_calls_total", breaker="host-a", outcome="failure") == 1
+    grows.breakers[0].call(lambda: None)  # successes count from the scrape that found it
+    samples = scrape(registry)
+    assert value(samples, "breaker_calls_total", breaker="host-a", outcome="success") == 1
+    grows.breakers.append(rs.CircuitBreaker("host-b"))
+    for _ in range(3):
+        samples = scrape(registry)
+    assert value(samples, "breaker_state", breaker="host-b", state="closed") == 1
+    assert len(metrics._watched) == 3  # no growth per scrape: each object once
+    states = [key for key in samples if key[0] == "resilience_breaker_state"]
+    assert len(states) == 2 * 3  # two breakers, three states each

@@ -547,7 +547,10 @@ class ResponseCacheMiddleware:
         except Exception:
             if mode == _BACKGROUND:
                 log.warning(
-                    "background revalidation of %s failed", scope.get("path"), exc_info=True
+                    "background revalidation of %s failed",
+                    scope.get("path"),
+                    exc_info=True,
+                    extra={"resilience_event": "asgi_cache.revalidation_failed"},
                 )
                 return
             now = self.cache.clock.time()
@@ -564,6 +567,7 @@ class ResponseCacheMiddleware:
                     "served %s stale (stale-if-error): the app raised",
                     scope.get("path"),
                     exc_info=True,
+                    extra={"resilience_event": "asgi_cache.stale_if_error"},
                 )
                 age = _freshness(stored).age(now)
                 await self._serve(stored, age, False, request_headers, notable, send)

@@ -140,7 +140,12 @@ def client_ip(
         nonlocal warned
         if not warned:
             warned = True
-            log.warning("client_ip: %s; such requests share the key %r", why, key)
+            log.warning(
+                "client_ip: %s; such requests share the key %r",
+                why,
+                key,
+                extra={"resilience_event": "asgi.client_ip_stand_in"},
+            )
         return key
 
     # The socket peer's key when no header is read (no proxies configured): peers recur,

@@ -97,7 +97,16 @@ class AsyncPublisherOps(PublisherBase):
                 try:
                     await self.astats()
                 except Exception as error:  # figures are best effort; the relay goes on
-                    log.warning("outbox %s: stats failed: %s", self.name, error)
+                    log.warning(
+                        "outbox %s: stats failed: %s",
+                        self.name,
+                        error,
+                        extra={
+                            "resilience_event": "outbox.stats_failed",
+                            "resilience_name": self.name,
+                            "resilience_error_type": type(error).__name__,
+                        },
+                    )
             result = await self.arun_once()
             pause, idle = self._pause(result, idle)
             if pause > 0:

@@ -92,7 +92,16 @@ class SyncPublisherOps(PublisherBase):
                 try:
                     self.stats()
                 except Exception as error:  # figures are best effort; the relay goes on
-                    log.warning("outbox %s: stats failed: %s", self.name, error)
+                    log.warning(
+                        "outbox %s: stats failed: %s",
+                        self.name,
+                        error,
+                        extra={
+                            "resilience_event": "outbox.stats_failed",
+                            "resilience_name": self.name,
+                            "resilience_error_type": type(error).__name__,
+                        },
+                    )
             result = self.run_once()
             pause, idle = self._pause(result, idle)
             if pause > 0:

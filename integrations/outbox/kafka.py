@@ -265,6 +265,12 @@ class KafkaBroker:
                 "each partition's order; a retried request may duplicate a record)",
                 self.bootstrap_servers,
                 refused,
+                extra={
+                    "resilience_event": "kafka.idempotence_off",
+                    "resilience_backend": self.bootstrap_servers,
+                    "resilience_from_state": "idempotent",
+                    "resilience_to_state": "not_idempotent",
+                },
             )
             self.idempotent = False
             for index, _ in ready:
@@ -436,7 +442,11 @@ def _serve(producer: confluent_kafka.Producer) -> None:
     try:
         producer.poll(0)
     except Exception:  # a fatal error is raised again here; the reports came anyway
-        log.debug("kafka: poll after purge raised", exc_info=True)
+        log.debug(
+            "kafka: poll after purge raised",
+            exc_info=True,
+            extra={"resilience_event": "kafka.poll_failed"},
+        )
 
 
 def _purge(producer: confluent_kafka.Producer) -> None:
@@ -444,7 +454,9 @@ def _purge(producer: confluent_kafka.Producer) -> None:
     try:
         producer.purge(in_queue=True, in_flight=True)
     except Exception:  # after a fatal error, say
-        log.debug("kafka: purge raised", exc_info=True)
+        log.debug(
+            "kafka: purge raised", exc_info=True, extra={"resilience_event": "kafka.purge_failed"}
+        )
     _serve(producer)
 
 
@@ -454,7 +466,9 @@ def _discard(producer: confluent_kafka.Producer) -> None:
     try:
         producer.close()
     except Exception:
-        log.debug("kafka: close raised", exc_info=True)
+        log.debug(
+            "kafka: close raised", exc_info=True, extra={"resilience_event": "kafka.close_failed"}
+        )
 
 
 class _Watch(logging.Logger):
@@ -470,4 +484,6 @@ class _Watch(logging.Logger):
         text = str(args[-1]) if args else str(msg)
         self._broker._logged(facility, text)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("librdkafka %s: %s", facility, text)
+            log.debug(
+                "librdkafka %s: %s", facility, text, extra={"resilience_event": "kafka.librdkafka"}
+            )

@@ -217,4 +217,8 @@ class NatsJetStreamBroker(AsyncBroker):
 
 async def _log_error(error: Exception) -> None:
     # nats-py logs each error with a traceback by default; failures reach the caller anyway.
-    log.debug("nats: %r", error)
+    log.debug(
+        "nats: %r",
+        error,
+        extra={"resilience_event": "nats.error", "resilience_error_type": type(error).__name__},
+    )

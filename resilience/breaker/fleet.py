@@ -259,7 +259,14 @@ def _run(
         try:
             fleet.flush()
         except Exception:  # keep flushing: the next one may do better
-            log.exception("resilience fleet %r: flush thread error", fleet.prefix)
+            log.exception(
+                "resilience fleet %r: flush thread error",
+                fleet.prefix,
+                extra={
+                    "resilience_event": "fleet.thread_error",
+                    "resilience_backend": fleet.prefix,
+                },
+            )
         finally:
             del fleet
         if stop.is_set():
@@ -433,7 +440,14 @@ class RedisFleet:
         except Exception:  # not an outage: a bug, or the script missing from the install
             if not self._failing:
                 self._failing = True
-                log.exception("resilience fleet %r: flush failed", self.prefix)
+                log.exception(
+                    "resilience fleet %r: flush failed",
+                    self.prefix,
+                    extra={
+                        "resilience_event": "fleet.flush_failed",
+                        "resilience_backend": self.prefix,
+                    },
+                )
             reply = None
         self.flushes += 1
         with self._lock:
@@ -455,6 +469,12 @@ class RedisFleet:
                         "fleet": self.prefix,
                         "state": state.value,
                         "error_class": type(self.guard._last_error).__name__,
+                        "resilience_event": "fleet.unavailable",
+                        "resilience_name": member.name,
+                        "resilience_backend": self.prefix,
+                        "resilience_from_state": "fleet",
+                        "resilience_to_state": "alone",
+                        "resilience_error_type": type(self.guard._last_error).__name__,
                     },
                 )
                 _apply(breaker, verdict, 0.0)
@@ -463,7 +483,16 @@ class RedisFleet:
             log.warning(
                 "resilience breaker %r: fleet back; deciding with it",
                 member.name,
-                extra={"breaker": member.name, "fleet": self.prefix, "state": state.value},
+                extra={
+                    "breaker": member.name,
+                    "fleet": self.prefix,
+                    "state": state.value,
+                    "resilience_event": "fleet.back",
+                    "resilience_name": member.name,
+                    "resilience_backend": self.prefix,
+                    "resilience_from_state": "alone",
+                    "resilience_to_state": "fleet",
+                },
             )
         if verdict is not None:
             _apply(breaker, verdict, reply.left)

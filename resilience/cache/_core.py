@@ -24,7 +24,7 @@ from resilience._clock import SYSTEM_CLOCK, Clock, resolve
 from resilience.cache.local import LocalCache
 from resilience.cache.policy import MISSING, CachePolicy, Entry, Freshness
 from resilience.cache.redis import RedisCache, _Corrupt
-from resilience.events import Dispatcher, Listener, Tally, Telemetry
+from resilience.events import Dispatcher, Listener, Tally, Telemetry, key_hash
 from resilience.flight import LEADER_GONE, Flight, SingleFlight
 from resilience.remote import UNAVAILABLE
 
@@ -497,15 +497,21 @@ class CacheCore:
         self._warned.add(parameter)
         log.log(
             logging.WARNING if first else logging.DEBUG,
-            "resilience cache %r: the %s function failed for key %r (%s: %s); the loaded "
-            "value was returned but not stored%s",
+            "resilience cache %r: the %s function failed for key hash %s (%s: %s); the "
+            "loaded value was returned but not stored%s",
             self.name,
             parameter,
-            rkey,
+            key_hash(rkey),
             type(error).__name__,
             error,
             " (later failures are logged at DEBUG)" if first else "",
             exc_info=error,
+            extra={
+                "resilience_event": f"cache.{parameter}_failed",
+                "resilience_name": self.name,
+                "resilience_key_hash": key_hash(rkey),
+                "resilience_error_type": type(error).__name__,
+            },
         )
 
     # Where waiting for another process's notice differs (the WAIT step of a plan).

@@ -102,6 +102,7 @@ class RedisCacheBase:
         self._subscriber: Subscriber | None = None
         self._on_invalidate: Callable[[str], None] = _ignore
         self._on_flush: Callable[[], None] = _nothing
+        self._channel_down = False  # lost, not yet back: its recovery is logged once
 
     def telemetry(self) -> Telemetry:
         """What a metrics consumer reads (resilience.events): the guard's counters."""
@@ -175,7 +176,7 @@ class RedisCacheBase:
             self._user_client,
             name=f"resilience-cache-{self.prefix}",
             on_message=self._on_notice,
-            on_subscribed=on_lost,
+            on_subscribed=self._channel_up,
             on_lost=self._channel_lost,
             channels=[self.invalidate_channel, self.loaded_channel],
             shard_base=self.notice_channel,
@@ -208,11 +209,36 @@ class RedisCacheBase:
         elif kind == "loaded":
             self._loaded(data)
 
+    def _channel_up(self) -> None:
+        if self._channel_down:
+            self._channel_down = False
+            log.warning(
+                "resilience cache %r has its invalidation channel back",
+                self.prefix,
+                extra={
+                    "resilience_event": "cache.channel_back",
+                    "resilience_name": self.prefix,
+                    "resilience_backend": self.guard.name,
+                    "resilience_from_state": "lost",
+                    "resilience_to_state": "listening",
+                },
+            )
+        self._on_flush()
+
     def _channel_lost(self, error: BaseException) -> None:
+        self._channel_down = True
         log.warning(
             "resilience cache %r lost its invalidation channel (%s); local tier flushed",
             self.prefix,
             error,
+            extra={
+                "resilience_event": "cache.channel_lost",
+                "resilience_name": self.prefix,
+                "resilience_backend": self.guard.name,
+                "resilience_from_state": "listening",
+                "resilience_to_state": "lost",
+                "resilience_error_type": type(error).__name__,
+            },
         )
         self._on_flush()
 

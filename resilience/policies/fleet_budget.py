@@ -104,7 +104,11 @@ def _run(ref: weakref.ReferenceType[FleetRetryBudget], stop: threading.Event) ->
         try:
             budget._tick()
         except Exception:  # keep syncing: the next tick may do better
-            log.exception("resilience budget %r: sync thread error", budget.name)
+            log.exception(
+                "resilience budget %r: sync thread error",
+                budget.name,
+                extra={"resilience_event": "budget.sync_error", "resilience_name": budget.name},
+            )
         finally:
             del budget
         if stop.wait(interval):
@@ -299,7 +303,16 @@ class FleetRetryBudget(RetryBudget):
         except Exception:  # not an outage: a bug, or the script missing from the install
             if not self._failing:
                 self._failing = True
-                log.exception("resilience budget %r: sync failed; deciding locally", self.name)
+                log.exception(
+                    "resilience budget %r: sync failed; deciding locally",
+                    self.name,
+                    extra={
+                        "resilience_event": "budget.sync_failed",
+                        "resilience_name": self.name,
+                        "resilience_from_state": "shared",
+                        "resilience_to_state": "local",
+                    },
+                )
             fleet = None
         now = self._now()
         with self._mutex:

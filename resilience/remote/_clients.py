@@ -57,7 +57,11 @@ def budgeted(client: Any, timeout: float) -> Any:
     its socket timeouts and no retries (redis-py 8 retries a dead connection 10 times by
     default). A RedisCluster keeps its own settings and is returned as it is."""
     if isinstance(client, CLUSTERS):
-        log.info("resilience: %s keeps its own timeouts and retries", type(client).__name__)
+        log.info(
+            "resilience: %s keeps its own timeouts and retries",
+            type(client).__name__,
+            extra={"resilience_event": "client.kept", "resilience_backend": type(client).__name__},
+        )
         return client
     pool = client.connection_pool
     kwargs = dict(pool.connection_kwargs)

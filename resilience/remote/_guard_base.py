@@ -128,11 +128,29 @@ class GuardBase:
                 self.name,
                 _describe(error),
                 self.on_error.value,
+                extra={
+                    "resilience_event": "backend.unavailable",
+                    "resilience_name": self.name,
+                    "resilience_from_state": "available",
+                    "resilience_to_state": "unavailable",
+                    "resilience_error_type": type(error).__name__ if error else None,
+                    "resilience_on_error": self.on_error.value,
+                },
             )
             change = BackendStateChanged(self.name, False, self.on_error, error)
         elif event.new is CircuitState.CLOSED and not self._reported_available:
             self._reported_available = True
-            log.warning("resilience backend %r recovered", self.name)
+            log.warning(
+                "resilience backend %r recovered",
+                self.name,
+                extra={
+                    "resilience_event": "backend.recovered",
+                    "resilience_name": self.name,
+                    "resilience_from_state": "unavailable",
+                    "resilience_to_state": "available",
+                    "resilience_on_error": self.on_error.value,
+                },
+            )
             change = BackendStateChanged(self.name, True, self.on_error, None)
         else:
             return
@@ -140,7 +158,11 @@ class GuardBase:
             try:
                 listener(change)
             except Exception:
-                log.exception("resilience listener %r failed", listener)
+                log.exception(
+                    "resilience listener %r failed",
+                    listener,
+                    extra={"resilience_event": "listener.failed", "resilience_name": self.name},
+                )
 
 
 def _describe(error: BaseException | None) -> str:

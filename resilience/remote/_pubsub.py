@@ -259,7 +259,17 @@ class Subscriber(threading.Thread):
         if text not in self._complained:
             self._complained.add(text)
             hint = " (sharded pub/sub needs Redis >= 7)" if self.sharded else ""
-            log.error("resilience %s cannot subscribe: %s%s", self.name, text, hint)
+            log.error(
+                "resilience %s cannot subscribe: %s%s",
+                self.name,
+                text,
+                hint,
+                extra={
+                    "resilience_event": "pubsub.refused",
+                    "resilience_name": self.name,
+                    "resilience_error_type": type(error).__name__,
+                },
+            )
 
     # -- subscribing ---------------------------------------------------------------------
 
