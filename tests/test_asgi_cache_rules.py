@@ -363,6 +363,29 @@ async def test_stale_if_error_serves_the_entry_when_the_app_fails(
         assert "stale-if-error" in caplog.text
 
 
+async def test_an_app_that_keeps_failing_warns_once_per_streak(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    origin = Origin(cache_control="max-age=10, stale-if-error=600")
+    app, clock = origin.app()
+    async with client(app) as c:
+        await c.get("/")
+        clock.advance(20)
+        origin.fail = True
+        with caplog.at_level(logging.DEBUG, "resilience.integrations.asgi"):
+            for _ in range(5):
+                assert (await c.get("/")).text == "response 1"
+            origin.fail = False  # it recovers: the next streak warns again
+            fresh = (await c.get("/")).text
+            assert fresh != "response 1"
+            clock.advance(20)
+            origin.fail = True
+            assert (await c.get("/")).text == fresh
+    served = [r for r in caplog.records if "stale-if-error" in r.getMessage()]
+    levels = [r.levelno for r in served]
+    assert levels == [logging.WARNING, *[logging.DEBUG] * 4, logging.WARNING]
+
+
 async def test_stale_if_error_as_your_default_for_silent_responses() -> None:
     origin = Origin(cache_control="max-age=10")
     app, clock = origin.app(stale_if_error=60)

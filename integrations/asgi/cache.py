@@ -71,6 +71,24 @@ __all__ = ["CACHEABLE", "TARGETED", "ResponseCacheMiddleware"]
 
 log = logging.getLogger("resilience.integrations.asgi")
 
+
+class _Streak:
+    """A log level per failure: WARNING for the first of a streak, DEBUG for the rest,
+    so an app that keeps failing makes one warning, not one per request."""
+
+    __slots__ = ("failing",)
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def level(self) -> int:
+        first, self.failing = not self.failing, True
+        return logging.WARNING if first else logging.DEBUG
+
+    def ended(self) -> None:
+        self.failing = False
+
+
 #: Statuses stored without explicit freshness (RFC 9110 section 15.1, heuristically
 #: cacheable), but for 206: partial responses are never stored here.
 CACHEABLE: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
@@ -257,6 +275,7 @@ class ResponseCacheMiddleware:
             stale_if_error=_seconds("stale_if_error", stale_if_error, zero=True),
         )
         self.app = app
+        self._app_failures = _Streak()  # failures of the app behind a stored entry
         self.cache = cache
         self.max_body = max_body
         self.statuses = codes
@@ -546,7 +565,8 @@ class ResponseCacheMiddleware:
             await self.app(app_scope, _background_receive() if not forward else listen, capture)
         except Exception:
             if mode == _BACKGROUND:
-                log.warning(
+                log.log(
+                    self._app_failures.level(),
                     "background revalidation of %s failed",
                     scope.get("path"),
                     exc_info=True,
@@ -562,8 +582,10 @@ class ResponseCacheMiddleware:
                 and stored is not None
                 and (swallowed or _freshness(stored).may_serve_stale(now, error=True))
             ):
-                # Logged, not raised: the client gets the stale answer, the error is seen.
-                log.warning(
+                # Logged, not raised: the client gets the stale answer, the error is seen
+                # (at WARNING once a streak of failures, then at DEBUG).
+                log.log(
+                    self._app_failures.level(),
                     "served %s stale (stale-if-error): the app raised",
                     scope.get("path"),
                     exc_info=True,
@@ -573,6 +595,7 @@ class ResponseCacheMiddleware:
                 await self._serve(stored, age, False, request_headers, notable, send)
                 return
             raise
+        self._app_failures.ended()
         if start is None:
             return
         if not_modified_response and stored is not None:

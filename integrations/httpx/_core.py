@@ -320,8 +320,8 @@ class TransportCore:
 
     def telemetry(self) -> Telemetry:
         """A pipeline to metrics: its members report for it (the retry, the limiter, the
-        server-limit store, the cache, and the per-host breakers made so far; pass
-        ``on_new_breaker=metrics.watch`` to watch the ones made later too)."""
+        server-limit store, the cache, and the per-host breakers; metrics read these
+        links again at each scrape, so breakers made later are exported too)."""
         members = (self.retry, self.limiter, self.holds, self.cache)
         links: list[Any] = [m for m in members if m is not None and hasattr(m, "telemetry")]
         links.extend(self._breakers.values())
