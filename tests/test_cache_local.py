@@ -324,3 +324,16 @@ def test_listener_events_for_hits_misses_and_loads() -> None:
     cache.get_or_load("k", lambda: 1)
     cache.get_or_load("k", lambda: 1)
     assert seen == [("miss", "local"), ("load", ""), ("hit", "local")]
+
+
+def test_a_layer_over_the_cache_reports_its_lookups_as_the_cache_s_own() -> None:
+    cache = rs.TwoTierCache(local=rs.LocalCache(), name="reported")
+    seen: list[rs.CacheEvent] = []
+    cache.add_listener(seen.append)
+    read = cache.telemetry().read
+    cache.report("hit", "local", "k")
+    cache.report("miss", "")
+    cache.report("stale", "local", "k")
+    figures = read()
+    assert (figures["hits"]["local"], figures["misses"]["local"], figures["stale"]) == (1, 1, 1)
+    assert [(e.kind, e.tier) for e in seen] == [("hit", "local"), ("miss", ""), ("stale", "local")]

@@ -143,15 +143,15 @@ class PrivateCache:
         self.policy = _POLICY
         #: The cache's clock when it has one (its entries expire on it), else ours.
         self.clock: Clock = getattr(store, "clock", None) or clock
-        emit = getattr(store, "_emit", None)
-        self._emit: Callable[..., None] | None = emit if callable(emit) else None
+        report = getattr(store, "report", None)
+        self._report: Callable[..., None] | None = report if callable(report) else None
         # The keys of recent URLs: hashing one costs more than the rest of a hit.
         self._keys: dict[tuple[str, str, bytes, bytes], str] = {}
 
     def count(self, kind: str, tier: str, key: str) -> None:
         """Report to the cache's event sink, so metrics watching the cache see it."""
-        if self._emit is not None:
-            self._emit(kind, tier, key)
+        if self._report is not None:
+            self._report(kind, tier, key)
 
     # -- keys -------------------------------------------------------------------------------
 

@@ -290,6 +290,12 @@ class CacheCore:
             },
         }
 
+    def report(self, kind: str, tier: str, key: Any = None) -> None:
+        """Count a lookup answered on this cache's behalf by a layer over it (an HTTP
+        cache reading its entries through ``get``): ``kind`` "hit", "miss" or "stale",
+        ``tier`` "local", "remote" or "". Metrics and listeners see it as the cache's own."""
+        self._emit(kind, tier, key)
+
     def _emit(self, kind: str, tier: str, key: Any, **fields: Any) -> None:
         tallies = self._tallies
         if tallies is not None:
