@@ -370,6 +370,36 @@ def test_run_blocking_drains_then_stops(env: Env) -> None:
     assert [r.claimed for r in seen] == [2, 2, 1, 0]
 
 
+def test_a_failing_store_warns_once_per_streak_of_failed_stats(
+    env: Env, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    pub = env.publisher(stats_interval=1.0)
+    real_stats = env.store.stats
+    # Stats reads 1-3 fail, 4 works, 5 fails again.
+    failing = iter([True, True, True, False, True])
+    rounds = 0
+
+    def stats() -> Any:
+        if next(failing):
+            raise sqlite3.OperationalError("database is locked")
+        return real_stats()
+
+    def listen(event: object) -> None:
+        nonlocal rounds
+        if isinstance(event, BatchResult):
+            rounds += 1
+            env.clock.advance(1.0)  # the next round reads the stats again
+            if rounds == 5:
+                pub.stop()
+
+    monkeypatch.setattr(env.store, "stats", stats)
+    pub.add_listener(listen)
+    with caplog.at_level(logging.DEBUG, "resilience"):
+        pub.run_blocking()
+    levels = [r.levelno for r in caplog.records if "stats failed" in r.getMessage()]
+    assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG, logging.WARNING]
+
+
 # -- replay ------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ cancellation; sync code has nothing to shield from), and what waits between poll
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -91,13 +92,16 @@ class AsyncPublisherOps(PublisherBase):
         """Publish batch after batch until ``waiter`` says stop (or the task is cancelled)."""
         idle = self.min_poll
         next_stats = self._clock.monotonic()
+        stats_failing = False  # a failing store warns once, not once per interval
         while not waiter.stopped():
             if self._wants_stats and self.stats_interval and self._clock.monotonic() >= next_stats:
                 next_stats = self._clock.monotonic() + self.stats_interval
                 try:
                     await self.astats()
+                    stats_failing = False
                 except Exception as error:  # figures are best effort; the relay goes on
-                    log.warning(
+                    log.log(
+                        logging.DEBUG if stats_failing else logging.WARNING,
                         "outbox %s: stats failed: %s",
                         self.name,
                         error,
@@ -107,6 +111,7 @@ class AsyncPublisherOps(PublisherBase):
                             "resilience_error_type": type(error).__name__,
                         },
                     )
+                    stats_failing = True
             result = await self.arun_once()
             pause, idle = self._pause(result, idle)
             if pause > 0:
