@@ -59,8 +59,10 @@ def test_outbox_benchmark_quick_run_reports_every_target(
     proc = _run_quick("outbox", out, env)
     assert proc.returncode == 0, proc.stderr
     assert "skipped: outbox" not in proc.stdout, proc.stdout
-    assert proc.stdout.count("(target >=") == 5, proc.stdout
+    assert proc.stdout.count("(target >=") == 7, proc.stdout
     report: dict[str, Any] = json.loads(out.read_text())["results"]["outbox"]
-    assert len(report["targets"]) == 5  # the fifth: into Kafka (Tansu)
+    assert len(report["targets"]) == 7  # the seventh: into Kafka (Tansu)
     assert all(target["value"] is not None for target in report["targets"])
-    assert {"batch_1", "batch_100", "batch_500", "hot_key", "kafka"} <= set(report["groups"])
+    assert {"batch_1", "batch_100", "batch_500", "hot_key", "deep", "kafka"} <= set(
+        report["groups"]
+    )

@@ -411,7 +411,7 @@ def test_outbox_table_matches_the_postgres_ddl(
                 assert conn.execute(
                     sa.text("SELECT reloptions FROM pg_class WHERE oid = CAST(:r AS regclass)"),
                     {"r": relation},
-                ).scalar_one() == ["fillfactor=70"]
+                ).scalar_one() == ["fillfactor=50"]
                 triggers = conn.execute(
                     sa.text(
                         "SELECT tgname, tgtype FROM pg_trigger WHERE tgrelid = CAST(:r AS regclass)"

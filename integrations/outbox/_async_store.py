@@ -5,7 +5,7 @@ sync ones in the caller's thread. The rules a claim follows are in ``_store.py``
 
 # unasync: AsyncOutboxStore -> SyncOutboxStore, AsyncStoreOps -> SyncStoreOps, _arun -> _run
 # unasync: aenqueue -> enqueue, _ainsert -> _insert, aclaim -> claim, afail -> fail
-# unasync: _ainsert_sqlalchemy -> _insert_sqlalchemy
+# unasync: _ainsert_sqlalchemy -> _insert_sqlalchemy, _arun_claim -> _run_claim
 # unasync: amark_published -> mark_published, arelease -> release, arelease_owner -> release_owner
 # unasync: areplay -> replay, adead -> dead, apurge -> purge, astats -> stats
 
@@ -86,7 +86,7 @@ class AsyncStoreOps(StoreBase):
         positive_int("limit", limit)
         positive("lease", lease)
         params = {"owner": owner, "limit": limit, "lease": float(lease), "now": self._now()}
-        rows = await self._arun(lambda tx: tx.fetch(self.sql["claim"], params), claim=True)
+        rows = await self._arun_claim(params)
         events = [decode_event(row) for row in rows]
         events.sort(key=by_id)
         return events

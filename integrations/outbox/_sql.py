@@ -137,6 +137,14 @@ class StoreBase(abc.ABC):
         works under asyncio and trio alike."""
         return await anyio.to_thread.run_sync(functools.partial(self._run, work, **kind))
 
+    def _run_claim(self, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The rows of one claim, in this thread: one claim transaction (a dialect may
+        look further in a second one)."""
+        return self._run(lambda tx: tx.fetch(self.sql["claim"], params), claim=True)
+
+    async def _arun_claim(self, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        return await anyio.to_thread.run_sync(self._run_claim, params)
+
     # -- pure ----------------------------------------------------------------------------
 
     def _now(self) -> float | None:

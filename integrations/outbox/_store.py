@@ -10,8 +10,8 @@ in SQL terms:
   ready too (so they are in the same claim, ahead of it). A key whose head is leased,
   backing off or released after an outage therefore blocks its later rows, which wait
   without touching their attempts. Dead rows do not block their key.
-* There is no high-water mark: a claim looks at every pending row, so a row that commits
-  after rows with higher ids is claimed like any other.
+* There is no high-water mark: a claim walks the pending rows from the lowest id (as far
+  as it needs), so a row that commits after rows with higher ids is claimed like any other.
 * Every write-back names the claim's owner token; a relay whose lease ran out and was
   taken over changes nothing.
 """

@@ -82,7 +82,7 @@ class SyncStoreOps(StoreBase):
         positive_int("limit", limit)
         positive("lease", lease)
         params = {"owner": owner, "limit": limit, "lease": float(lease), "now": self._now()}
-        rows = self._run(lambda tx: tx.fetch(self.sql["claim"], params), claim=True)
+        rows = self._run_claim(params)
         events = [decode_event(row) for row in rows]
         events.sort(key=by_id)
         return events

@@ -1,21 +1,25 @@
 """The production outbox store: PostgreSQL through psycopg 3 (extra ``resilience[postgres]``).
 
-A claim is one transaction: a transaction-scoped advisory lock serializes claims (each a
-single statement of a few milliseconds), then ``SELECT ... FOR UPDATE SKIP LOCKED`` picks
-ready rows without waiting on rows another relay is writing back. The lock is what makes
-per-key order safe with several relays: a claim that takes a key's later rows together
-with its head must see every earlier claim's leases, which concurrent snapshots would not.
-Publishing happens after the claim commits, so no row lock is held while the broker works.
+A claim is one statement, one round trip: a function in the session's temporary schema
+takes a transaction-scoped advisory lock that serializes claims (each a few
+milliseconds), then walks the pending index from its head and leases ready rows with
+``FOR UPDATE SKIP LOCKED``, never waiting on rows another relay is writing back. The lock
+is what makes per-key order safe with several relays: a claim that takes a key's later
+rows together with its head must see every earlier claim's leases, which concurrent
+snapshots would not (the walk is a statement of its own inside the function, so its
+snapshot is taken once the lock is granted). Publishing happens after the claim commits,
+so no row lock is held while the broker works.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import weakref
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from resilience import clock as _clock
 from resilience.integrations.outbox._model import check_identifier
@@ -46,27 +50,47 @@ _SQL = {
         INSERT INTO {{t}} (event_id, topic, key, payload, headers, created, available_at)
         VALUES (%(eid)s, %(topic)s, %(key)s, %(payload)s, %(headers)s, {_NOW},
                 {_NOW} + %(delay)s)""",
-    # The keys whose head is not claimable, computed once (a correlated check per row is
-    # quadratic in a hot key's backlog); then one UPDATE by id, no join over the table.
+    # One walk along the pending index in id order, as far as %(window)s rows: a row is
+    # taken when it and every earlier pending row of its key in the walk are ready (the
+    # first row of a key that is not ready blocks the key's later rows). The
+    # walk stops near the limit, so a deep backlog costs no more than a shallow one (a
+    # scan of all pending rows per claim made the relay slower with depth). The last row
+    # (id NULL) says how far the walk went and how many rows it passed over, so the store
+    # can look further when the window was too short.
     "claim": f"""
         WITH clock AS (SELECT {_NOW} AS now),
+        walk AS MATERIALIZED (
+            SELECT o.id, o.ctid AS tid, o.key, o.available_at <= clock.now
+                   AND (o.lease_until IS NULL OR o.lease_until <= clock.now) AS free,
+                   -- taken by this same claim's first walk (see _run_claim): no blocker
+                   (o.lease_owner = %(owner)s AND o.lease_until > clock.now) IS TRUE AS mine
+            FROM {{t}} AS o, clock WHERE o.status = 'pending'
+            ORDER BY o.id LIMIT %(window)s),
         blocked AS MATERIALIZED (
-            SELECT b.key, min(b.id) AS head FROM {{t}} AS b, clock
-            WHERE b.status = 'pending' AND b.key IS NOT NULL
-              AND (b.available_at > clock.now OR b.lease_until > clock.now)
-            GROUP BY b.key),
+            SELECT w.key, min(w.id) AS head FROM walk AS w
+            WHERE NOT (w.free OR w.mine) AND w.key IS NOT NULL GROUP BY w.key),
+        verdict AS (
+            SELECT w.id, w.tid, w.free AND (b.head IS NULL OR b.head > w.id) AS ok
+            FROM walk AS w LEFT JOIN blocked AS b ON b.key = w.key),
         picked AS (
-            SELECT o.id FROM {{t}} AS o, clock
-            WHERE o.status = 'pending' AND o.available_at <= clock.now
+            SELECT o.ctid FROM {{t}} AS o, clock
+            WHERE o.ctid = ANY(ARRAY(
+                    SELECT v.tid FROM verdict AS v WHERE v.ok ORDER BY v.id LIMIT %(limit)s))
+              -- checked again on a row a write-back changed while we waited for it
+              AND o.status = 'pending' AND o.available_at <= clock.now
               AND (o.lease_until IS NULL OR o.lease_until <= clock.now)
-              AND NOT EXISTS (
-                  SELECT 1 FROM blocked WHERE blocked.key = o.key AND blocked.head < o.id)
-            ORDER BY o.id LIMIT %(limit)s
-            FOR UPDATE OF o SKIP LOCKED)
-        UPDATE {{t}} AS r SET lease_owner = %(owner)s, lease_until = clock.now + %(lease)s
-        FROM clock WHERE r.id = ANY(ARRAY(SELECT id FROM picked))
-        RETURNING r.id, r.event_id::text, r.topic, r.key, r.payload::text, r.headers::text,
-                  r.created, r.attempts""",
+            FOR UPDATE OF o SKIP LOCKED),
+        claimed AS (
+            -- By the locked versions' addresses: no second index lookup per row.
+            UPDATE {{t}} AS r SET lease_owner = %(owner)s, lease_until = clock.now + %(lease)s
+            FROM clock WHERE r.ctid = ANY(ARRAY(SELECT ctid FROM picked))
+            RETURNING r.id, r.event_id::text, r.topic, r.key, r.payload::text,
+                      r.headers::text, r.created, r.attempts)
+        SELECT * FROM claimed
+        UNION ALL
+        SELECT NULL, NULL, NULL, NULL, NULL, NULL, count(*)::float8,
+               (count(*) FILTER (WHERE NOT v.ok))::integer
+        FROM verdict AS v""",
     "published": f"""
         UPDATE {{t}} SET status = 'published', published_at = {_NOW},
                        lease_owner = NULL, lease_until = NULL
@@ -123,6 +147,28 @@ _SQL = {
 }
 
 
+# The claim as a function in the session's temporary schema (made on each connection's
+# first claim, gone with the session, so there is nothing to migrate): one statement,
+# one round trip, the lock and then the claim, each statement with its own snapshot.
+_CLAIM_FUNCTION = """
+CREATE OR REPLACE FUNCTION pg_temp.{fn}(
+    p_owner text, p_limit integer, p_lease float8, p_now float8, p_window integer)
+RETURNS TABLE (id bigint, event_id text, topic text, key text, payload text,
+               headers text, created float8, attempts integer)
+LANGUAGE plpgsql VOLATILE SET jit = off AS $claim$
+#variable_conflict use_column
+BEGIN
+    PERFORM pg_advisory_xact_lock({lock});
+    RETURN QUERY {claim};
+END
+$claim$"""
+_MAX_WINDOW: Final = 2**31 - 1  # the walk's LIMIT is an integer
+_CLAIM_CALL = (
+    "SELECT * FROM pg_temp.{fn}(%(owner)s::text, %(limit)s::integer, %(lease)s::float8,"
+    " %(now)s::float8, %(window)s::integer)"
+)
+
+
 class _PgTx:
     __slots__ = ("conn",)
 
@@ -139,6 +185,23 @@ class _PgTx:
         with self.conn.cursor() as cur:
             cur.executemany(sql, params)
             return cur.rowcount
+
+
+class _PgClaimTx(_PgTx):
+    """The claim's transaction: BEGIN, the lock, the claim and COMMIT go out together
+    and come back in one round trip, the cost of a single statement."""
+
+    __slots__ = ("pipeline",)
+
+    def __init__(self, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> None:
+        super().__init__(conn)
+        self.pipeline = pipeline
+
+    def fetch(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        cursor = self.conn.execute(sql, params, prepare=True)
+        self.conn.execute("COMMIT")
+        self.pipeline.sync()
+        return cursor.fetchall()
 
 
 class _DsnPool:
@@ -238,6 +301,17 @@ class PostgresOutboxStore(SqlStore):
         self.sql = {name: text.replace("{t}", self.qualified) for name, text in _SQL.items()}
         # One lock id per table, so two outboxes in one database never wait on each other.
         self._lock_id = zlib.crc32(f"resilience.outbox:{self.qualified}".encode()) - 2**31
+        # Rows the last claim's walk passed over, to size the next walk (see _run_claim).
+        self._passed = 0
+        fn = f"resilience_claim_{self._lock_id + 2**31:08x}"
+        body = self.sql["claim"].strip()
+        for name in ("owner", "limit", "lease", "now", "window"):
+            body = body.replace(f"%({name})s", f"p_{name}")
+        self._claim_function = _CLAIM_FUNCTION.format(fn=fn, lock=self._lock_id, claim=body)
+        self._claim_call = _CLAIM_CALL.format(fn=fn)
+        # Connections that have the function; None once the database refused to make it
+        # (no TEMP privilege): claims then run as a pipelined transaction.
+        self._with_function: weakref.WeakSet[Any] | None = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return f"PostgresOutboxStore(table={self.qualified!r})"
@@ -248,16 +322,16 @@ class PostgresOutboxStore(SqlStore):
     ) -> Iterator[_PgTx]:
         with self._pool.connection() as conn:
             if claim:
-                # One round trip for BEGIN, the lock and the claim (the fetch syncs), one for
-                # COMMIT. The lock is its own statement, so the claim's snapshot is taken
-                # after it is granted and sees every earlier claim's leases.
-                with conn.pipeline(), conn.transaction():
+                # The lock is its own statement, so the claim's snapshot is taken after it
+                # is granted and sees every earlier claim's leases. An error skips the
+                # rest, and the pool rolls the transaction back.
+                with conn.pipeline() as pipeline:
+                    conn.execute("BEGIN")
                     conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_id,))
-                    # Walk the pending index in id order and stop at the limit. Not knowing
-                    # how many rows are due (``now`` is a parameter), the planner would
-                    # rather sort the whole backlog: twice the time at 10,000 pending.
-                    conn.execute("SET LOCAL enable_sort = off")
-                    yield _PgTx(conn)
+                    # A claim is a few milliseconds of work: compiling it (JIT, which a
+                    # deep table's estimates can trigger) costs a hundred times more.
+                    conn.execute("SET LOCAL jit = off")
+                    yield _PgClaimTx(conn, pipeline)
             elif durable:
                 with conn.transaction():
                     conn.execute("SET LOCAL synchronous_commit TO on")
@@ -285,6 +359,52 @@ class PostgresOutboxStore(SqlStore):
 
     def _ids(self, ids: Sequence[int]) -> Any:
         return [int(i) for i in ids]
+
+    def _run_claim(self, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        # The walk covers the limit plus room for twice the rows the last claim passed
+        # over (leased by other relays, backing off, blocked behind them). When that was
+        # too short and rows are left beyond it, look again, four times as far.
+        limit: int = params["limit"]
+        window = min(limit + max(16, 2 * self._passed), _MAX_WINDOW)
+        rows: list[tuple[Any, ...]] = []
+        while True:
+            ask = {**params, "limit": limit - len(rows), "window": window}
+            got = self._claim_once(ask)
+            walked = passed = 0
+            for row in got:
+                if row[0] is None:
+                    walked, passed = int(row[6]), int(row[7])
+                else:
+                    rows.append(row)
+            self._passed = passed
+            if len(rows) >= limit or walked < window or window >= _MAX_WINDOW:
+                return rows
+            window = min(window * 4, _MAX_WINDOW)
+
+    def _claim_once(self, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        if self._with_function is not None:
+            psycopg = _psycopg()
+            with self._pool.connection() as conn:
+                rows: list[tuple[Any, ...]] | None = None
+                if conn not in self._with_function:
+                    try:
+                        conn.execute(self._claim_function)
+                        self._with_function.add(conn)
+                    except psycopg.errors.InsufficientPrivilege:
+                        self._with_function = None
+                        conn.rollback()
+                if self._with_function is not None:
+                    try:
+                        rows = conn.execute(self._claim_call, params, prepare=True).fetchall()
+                    except psycopg.errors.UndefinedFunction:
+                        # The session lost its temporary schema (DISCARD ALL): make it again.
+                        conn.rollback()
+                        conn.execute(self._claim_function)
+                        rows = conn.execute(self._claim_call, params, prepare=True).fetchall()
+                if rows is not None:
+                    return rows
+        # Out of the pool's connection first: a pool of one would wait for itself.
+        return self._run(lambda tx: tx.fetch(self.sql["claim"], params), claim=True)
 
     # -- the application's side ----------------------------------------------------------
 

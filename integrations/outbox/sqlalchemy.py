@@ -154,7 +154,7 @@ def postgres_extras(table: sa.Table) -> list[str]:
     qualified = f"{table.schema}.{table.name}" if table.schema else table.name
     channel = f"{table.schema}_{table.name}" if table.schema else table.name
     ddl = read_ddl("postgres.sql", table=qualified, name=table.name, channel=channel)
-    fillfactor = f"ALTER TABLE {qualified} SET (fillfactor = 70)"
+    fillfactor = f"ALTER TABLE {qualified} SET (fillfactor = 50)"
     if fillfactor not in ddl:  # pragma: no cover - the shipped DDL changed
         raise RuntimeError("postgres.sql no longer sets the fillfactor as expected")
     start = ddl.index("CREATE OR REPLACE FUNCTION")
