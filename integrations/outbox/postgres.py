@@ -62,8 +62,9 @@ _SQL = {
         walk AS MATERIALIZED (
             SELECT o.id, o.ctid AS tid, o.key, o.available_at <= clock.now
                    AND (o.lease_until IS NULL OR o.lease_until <= clock.now) AS free,
-                   -- taken by this same claim's first walk (see _run_claim): no blocker
-                   (o.lease_owner = %(owner)s AND o.lease_until > clock.now) IS TRUE AS mine
+                   -- taken by this same claim's earlier walk (see _run_claim): no blocker;
+                   -- an older lease of the same owner still blocks its key
+                   o.id = ANY(%(mine)s::bigint[]) AS mine
             FROM {{t}} AS o, clock WHERE o.status = 'pending'
             ORDER BY o.id LIMIT %(window)s),
         blocked AS MATERIALIZED (
@@ -152,7 +153,8 @@ _SQL = {
 # one round trip, the lock and then the claim, each statement with its own snapshot.
 _CLAIM_FUNCTION = """
 CREATE OR REPLACE FUNCTION pg_temp.{fn}(
-    p_owner text, p_limit integer, p_lease float8, p_now float8, p_window integer)
+    p_owner text, p_limit integer, p_lease float8, p_now float8, p_window integer,
+    p_mine bigint[])
 RETURNS TABLE (id bigint, event_id text, topic text, key text, payload text,
                headers text, created float8, attempts integer)
 LANGUAGE plpgsql VOLATILE SET jit = off AS $claim$
@@ -165,7 +167,7 @@ $claim$"""
 _MAX_WINDOW: Final = 2**31 - 1  # the walk's LIMIT is an integer
 _CLAIM_CALL = (
     "SELECT * FROM pg_temp.{fn}(%(owner)s::text, %(limit)s::integer, %(lease)s::float8,"
-    " %(now)s::float8, %(window)s::integer)"
+    " %(now)s::float8, %(window)s::integer, %(mine)s::bigint[])"
 )
 
 
@@ -305,7 +307,7 @@ class PostgresOutboxStore(SqlStore):
         self._passed = 0
         fn = f"resilience_claim_{self._lock_id + 2**31:08x}"
         body = self.sql["claim"].strip()
-        for name in ("owner", "limit", "lease", "now", "window"):
+        for name in ("owner", "limit", "lease", "now", "window", "mine"):
             body = body.replace(f"%({name})s", f"p_{name}")
         self._claim_function = _CLAIM_FUNCTION.format(fn=fn, lock=self._lock_id, claim=body)
         self._claim_call = _CLAIM_CALL.format(fn=fn)
@@ -368,7 +370,12 @@ class PostgresOutboxStore(SqlStore):
         window = min(limit + max(16, 2 * self._passed), _MAX_WINDOW)
         rows: list[tuple[Any, ...]] = []
         while True:
-            ask = {**params, "limit": limit - len(rows), "window": window}
+            ask = {
+                **params,
+                "limit": limit - len(rows),
+                "window": window,
+                "mine": [row[0] for row in rows],
+            }
             got = self._claim_once(ask)
             walked = passed = 0
             for row in got:
