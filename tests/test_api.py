@@ -63,6 +63,7 @@ def test_every_sync_method_has_an_async_twin_and_back() -> None:
         "stop",
         "telemetry",  # reads plain numbers, never waits
         "copy",  # makes a breaker like this one, never waits
+        "report",  # a cache counts a lookup made for it: plain numbers, never waits
         "consume",  # the inbox: context managers, sync and async
         "aconsume",
         # the sync loop; `run` is its async twin, the name DESIGN.md gives it
