@@ -49,8 +49,13 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, Protocol, TypeVar, runtime_checkable
 
 __all__ = [
+    "DELAY_BUCKETS",
+    "FAILURE_CLASSES",
     "KINDS",
+    "LATENCY_BUCKETS",
     "LOG_FIELDS",
+    "MAX_OUTBOX_TOPICS",
+    "TIERS",
     "Dispatcher",
     "Listener",
     "Observable",
@@ -64,6 +69,22 @@ __all__ = [
 ]
 
 log = logging.getLogger("resilience")
+
+# The vocabulary both metrics consumers (resilience.metrics, resilience.integrations.otel)
+# label and bucket with, so Prometheus and OpenTelemetry say the same things.
+TIERS: Final = ("local", "remote")
+FAILURE_CLASSES: Final = ("outage", "poison", "unknown")
+LATENCY_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+# An outbox delivery takes a poll interval when all is well, and an outage when not.
+DELAY_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0,
+)  # fmt: skip
+#: Topics with series of their own per outbox; later ones share the topic "_other".
+MAX_OUTBOX_TOPICS: Final = 50
+
 breaker_log = logging.getLogger("resilience.breaker")
 
 #: The ``extra`` fields the package's log lines carry (each line those that apply), so

@@ -30,25 +30,22 @@ from prometheus_client.registry import Collector
 
 from resilience._clock import SYSTEM_CLOCK
 from resilience.breaker.events import CircuitState, Outcome
-from resilience.events import Telemetry, Watched, Watchlist
+from resilience.events import (
+    DELAY_BUCKETS,
+    FAILURE_CLASSES,
+    LATENCY_BUCKETS,
+    MAX_OUTBOX_TOPICS,
+    TIERS,
+    Telemetry,
+    Watched,
+    Watchlist,
+)
 from resilience.policies.retry import REASONS
 
-__all__ = ["Metrics"]
+__all__ = ["MAX_OUTBOX_TOPICS", "Metrics"]  # the cap, for tests and dashboards
 
 _STATES: Final = tuple(state.value for state in CircuitState)
 _OUTCOMES: Final = tuple(outcome.value for outcome in Outcome)
-_TIERS: Final = ("local", "remote")
-_FAILURE_CLASSES: Final = ("outage", "poison", "unknown")
-_LATENCY_BUCKETS: Final = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-# An outbox delivery takes a poll interval when all is well, and an outage when not.
-_DELAY_BUCKETS: Final = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
-    3600.0,
-)  # fmt: skip
-#: Topics with a series of their own per outbox; later ones share ``topic="_other"``.
-MAX_OUTBOX_TOPICS: Final = 50
 
 
 class Metrics:
@@ -79,15 +76,15 @@ class Metrics:
         # when opted in, since timing every call is the one cost watching cannot hide.
         self.breaker_duration = Histogram(
             "breaker_call_duration_seconds", "Duration of calls that ran", ["breaker"],
-            namespace=namespace, registry=registry, buckets=_LATENCY_BUCKETS,
+            namespace=namespace, registry=registry, buckets=LATENCY_BUCKETS,
         )  # fmt: skip
         self.cache_load_duration = Histogram(
             "cache_load_duration_seconds", "Loader call duration", ["cache"],
-            namespace=namespace, registry=registry, buckets=_LATENCY_BUCKETS,
+            namespace=namespace, registry=registry, buckets=LATENCY_BUCKETS,
         )  # fmt: skip
         self.outbox_delivery_delay = Histogram(
             "outbox_delivery_delay_seconds", "Seconds from enqueue to the broker taking the event",
-            ["outbox", "topic"], namespace=namespace, registry=registry, buckets=_DELAY_BUCKETS,
+            ["outbox", "topic"], namespace=namespace, registry=registry, buckets=DELAY_BUCKETS,
         )  # fmt: skip
         registry.register(_Scrape(self))
 
@@ -213,7 +210,7 @@ def _backend(f: _Families, name: str, r: Mapping[str, Any], created: float) -> N
 def _cache(f: _Families, name: str, r: Mapping[str, Any], created: float) -> None:
     hits = f.counter("cache_hits", "Hits by tier", ["cache", "tier"])
     misses = f.counter("cache_misses", "Misses by tier", ["cache", "tier"])
-    for tier in _TIERS:
+    for tier in TIERS:
         hits.add_metric([name, tier], r["hits"].get(tier, 0), created=created)
         misses.add_metric([name, tier], r["misses"].get(tier, 0), created=created)
     for key, metric, doc in (
@@ -249,7 +246,7 @@ def _outbox(f: _Families, name: str, r: Mapping[str, Any], created: float) -> No
     failures = f.counter(
         "outbox_failures", "Events that failed to publish, by class", ["outbox", "class"]
     )
-    for kind in _FAILURE_CLASSES:
+    for kind in FAILURE_CLASSES:
         failures.add_metric([name, kind], r["failures"].get(kind, 0), created=created)
     f.counter("outbox_died", "Events moved to the dead state", ["outbox"]).add_metric(
         [name], r["died"], created=created

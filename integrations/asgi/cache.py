@@ -33,6 +33,7 @@ from resilience.cache import TwoTierCache
 from resilience.flight import SingleFlight
 from resilience.http import (
     CONDITIONAL_FIELDS,
+    QUOTA_FIELDS,
     SAFE_METHODS,
     UNSATISFIABLE,
     CachePolicy,
@@ -95,19 +96,7 @@ CACHEABLE: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 
 #: The targeted cache-control fields obeyed by default, first match wins (RFC 9213).
 TARGETED: Final = ("resilience-cache-control", "cdn-cache-control")
 # Per request, per client: replaying them would tell one client another's quota.
-_PER_CLIENT: Final = frozenset(
-    {
-        b"ratelimit",
-        b"ratelimit-policy",
-        b"ratelimit-limit",
-        b"ratelimit-remaining",
-        b"ratelimit-reset",
-        b"retry-after",
-        b"x-ratelimit-limit",
-        b"x-ratelimit-remaining",
-        b"x-ratelimit-reset",
-    }
-)
+_PER_CLIENT: Final = QUOTA_FIELDS
 # Request inputs a shared key cannot see: such requests are never cached.
 _UNKEYED: Final = (b"x-http-method-override", b"x-method-override", b"x-http-method")
 # Request fields that need a closer look; most requests carry none of them, and then

@@ -23,6 +23,7 @@ from resilience.cache import TwoTierCache
 from resilience.clock import Clock
 from resilience.http import (
     CONDITIONAL_FIELDS,
+    QUOTA_FIELDS,
     CachePolicy,
     Freshness,
     Storable,
@@ -74,21 +75,7 @@ _BYPASS: Final = frozenset({b"content-length", b"transfer-encoding", b"range", *
 _NOTABLE: Final = _BYPASS | {b"cache-control", b"pragma", b"authorization", b"cookie"}
 # Not replayed from a stored response: a cookie was set when the response arrived (a
 # replay could undo a later one), and a quota describes the moment it was sent.
-_NOT_REPLAYED: Final = frozenset(
-    {
-        b"set-cookie",
-        b"set-cookie2",
-        b"ratelimit",
-        b"ratelimit-policy",
-        b"ratelimit-limit",
-        b"ratelimit-remaining",
-        b"ratelimit-reset",
-        b"retry-after",
-        b"x-ratelimit-limit",
-        b"x-ratelimit-remaining",
-        b"x-ratelimit-reset",
-    }
-)
+_NOT_REPLAYED: Final = frozenset({b"set-cookie", b"set-cookie2"}) | QUOTA_FIELDS
 
 Headers = list[tuple[bytes, bytes]]
 Entry = dict[str, Any]

@@ -13,7 +13,18 @@ from opentelemetry.metrics import CallbackOptions, Observation
 import resilience
 from resilience import CallFinished, CallRejected, CircuitState, Outcome
 from resilience.clock import SYSTEM_CLOCK
-from resilience.events import Telemetry, Watched, Watchlist, in_context, tallies
+from resilience.events import (
+    DELAY_BUCKETS,
+    FAILURE_CLASSES,
+    LATENCY_BUCKETS,
+    MAX_OUTBOX_TOPICS,
+    TIERS,
+    Telemetry,
+    Watched,
+    Watchlist,
+    in_context,
+    tallies,
+)
 from resilience.policies.retry import REASONS
 
 __all__ = ["INSTRUMENTS", "SPAN_EVENTS", "OTelMetrics"]
@@ -22,17 +33,6 @@ __all__ = ["INSTRUMENTS", "SPAN_EVENTS", "OTelMetrics"]
 NAME: Final = "resilience.name"
 _STATES: Final = tuple(state.value for state in CircuitState)
 _OUTCOMES: Final = tuple(outcome.value for outcome in Outcome)
-_TIERS: Final = ("local", "remote")
-_FAILURE_CLASSES: Final = ("outage", "poison", "unknown")
-_LATENCY_BUCKETS: Final = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
-_DELAY_BUCKETS: Final = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
-    3600.0,
-)  # fmt: skip
-#: Topics with attributes of their own per outbox; later ones share ``"_other"``.
-MAX_OUTBOX_TOPICS: Final = 50
 
 Points = Iterable[tuple[Mapping[str, str], float]]
 
@@ -74,7 +74,7 @@ def _decisions(r: Mapping[str, Any]) -> Points:
 
 
 def _requests(r: Mapping[str, Any]) -> Points:
-    for tier in _TIERS:
+    for tier in TIERS:
         yield {"resilience.tier": tier, "resilience.result": "hit"}, r["hits"].get(tier, 0)
         yield {"resilience.tier": tier, "resilience.result": "miss"}, r["misses"].get(tier, 0)
 
@@ -134,11 +134,11 @@ _ROWS: Final[tuple[tuple[Any, ...], ...]] = (
     ("resilience.cache.invalidations", C, "{entry}",
      "Local entries dropped for another instance's write", "cache", _one("invalidated")),
     ("resilience.cache.errors", C, "{entry}", "Entries that could not be read", "cache",
-     _by("resilience.tier", _TIERS, "errors")),
+     _by("resilience.tier", TIERS, "errors")),
     ("resilience.outbox.published", C, "{event}", "Events published", "outbox",
      _one("published")),
     ("resilience.outbox.failures", C, "{event}", "Events that failed to publish, by class",
-     "outbox", _by("resilience.failure_class", _FAILURE_CLASSES, "failures")),
+     "outbox", _by("resilience.failure_class", FAILURE_CLASSES, "failures")),
     ("resilience.outbox.died", C, "{event}", "Events moved to the dead state", "outbox",
      _one("died")),
     ("resilience.outbox.breaker_open_polls", C, "{poll}", "Polls that found the breaker open",
@@ -276,15 +276,15 @@ class OTelMetrics:
                 description=spec.description,
             )
         self.breaker_duration = self._histogram(
-            "resilience.breaker.call.duration", "Duration of calls that ran", _LATENCY_BUCKETS
+            "resilience.breaker.call.duration", "Duration of calls that ran", LATENCY_BUCKETS
         )
         self.cache_load_duration = self._histogram(
-            "resilience.cache.load.duration", "Loader call duration", _LATENCY_BUCKETS
+            "resilience.cache.load.duration", "Loader call duration", LATENCY_BUCKETS
         )
         self.outbox_delivery_delay = self._histogram(
             "resilience.outbox.delivery.delay",
             "Seconds from enqueue to the broker taking the event",
-            _DELAY_BUCKETS,
+            DELAY_BUCKETS,
         )
 
     def _histogram(self, name: str, description: str, buckets: tuple[float, ...]) -> Any:

@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_POLICY",
     "HEURISTIC_STATUSES",
     "HOP_BY_HOP",
+    "QUOTA_FIELDS",
     "UNDERSTOOD_STATUSES",
     "CachePolicy",
     "Freshness",
@@ -62,6 +63,21 @@ UNDERSTOOD_STATUSES: Final = frozenset(
 )
 #: Fields that describe one connection, never stored (RFC 9110 section 7.6.1, RFC 9111
 #: section 3.1: the proxy fields unless the key names the proxy).
+#: Fields that tell one client its quota at the moment they were sent (the IETF RateLimit
+#: fields, the common X-RateLimit trio, Retry-After): a cache never replays them.
+QUOTA_FIELDS: Final = frozenset(
+    {
+        b"ratelimit",
+        b"ratelimit-policy",
+        b"ratelimit-limit",
+        b"ratelimit-remaining",
+        b"ratelimit-reset",
+        b"retry-after",
+        b"x-ratelimit-limit",
+        b"x-ratelimit-remaining",
+        b"x-ratelimit-reset",
+    }
+)
 HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
