@@ -2,12 +2,15 @@
 
 - ``anyio_backend``: every ``@pytest.mark.anyio`` test runs on asyncio and on trio.
 - ``clock``: a :class:`resilience.testing.FakeClock` starting at 0.
+- ``sqlite_outbox``: a SQLite outbox store on that clock and an application connection.
 - Real Redis / PostgreSQL fixtures from ``support.services`` (see that module).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -29,6 +32,8 @@ from resilience.testing import FakeClock
 if TYPE_CHECKING:
     from support.tansu import TansuServer
 
+    from resilience.integrations.outbox import SqliteOutboxStore
+
 # Imported so pytest registers them as fixtures for every test module.
 __all__ = [
     "anyio_backend",
@@ -42,6 +47,7 @@ __all__ = [
     "redis_prefix",
     "redis_url",
     "require_asyncio",
+    "sqlite_outbox",
     "throwaway",
 ]
 
@@ -59,6 +65,20 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def sqlite_outbox(
+    tmp_path: Path, clock: FakeClock
+) -> Iterator[tuple[SqliteOutboxStore, sqlite3.Connection]]:
+    from resilience.integrations.outbox import SqliteOutboxStore
+
+    store = SqliteOutboxStore(tmp_path / "app.db", clock=clock)
+    store.create_schema()
+    conn = sqlite3.connect(tmp_path / "app.db")
+    yield store, conn
+    conn.close()
+    store.close()
 
 
 # --- Kafka: a Tansu broker of the session's own (tests/support/tansu.py) -----------------

@@ -312,22 +312,10 @@ def test_a_failing_ttl_function_logs_a_key_hash_not_the_key(logs: Capture) -> No
 # -- the outbox ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def outbox(
-    tmp_path: Path, clock: FakeClock
-) -> Iterator[tuple[SqliteOutboxStore, sqlite3.Connection]]:
-    store = SqliteOutboxStore(tmp_path / "app.db", clock=clock)
-    store.create_schema()
-    conn = sqlite3.connect(tmp_path / "app.db")
-    yield store, conn
-    conn.close()
-    store.close()
-
-
 def test_a_broker_outage_logs_one_line_not_one_per_batch(
-    logs: Capture, clock: FakeClock, outbox: tuple[SqliteOutboxStore, sqlite3.Connection]
+    logs: Capture, clock: FakeClock, sqlite_outbox: tuple[SqliteOutboxStore, sqlite3.Connection]
 ) -> None:
-    store, conn = outbox
+    store, conn = sqlite_outbox
     broker = InMemoryBroker()
     breaker = rs.CircuitBreaker("broker", failure_threshold=2, recovery_timeout=5.0,
                                 success_threshold=1, clock=clock)  # fmt: skip
@@ -354,9 +342,9 @@ def test_a_broker_outage_logs_one_line_not_one_per_batch(
 
 
 def test_dead_events_log_one_line_a_batch_with_fields(
-    logs: Capture, clock: FakeClock, outbox: tuple[SqliteOutboxStore, sqlite3.Connection]
+    logs: Capture, clock: FakeClock, sqlite_outbox: tuple[SqliteOutboxStore, sqlite3.Connection]
 ) -> None:
-    store, conn = outbox
+    store, conn = sqlite_outbox
     broker = InMemoryBroker()
     broker.reject(lambda event: True)
     pub = OutboxPublisher(store, broker=broker, name="orders", clock=clock, max_attempts=1)

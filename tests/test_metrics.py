@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -200,24 +199,12 @@ def test_cache_hits_misses_and_loads_by_tier(registry: CollectorRegistry) -> Non
     assert loads == 2
 
 
-@pytest.fixture
-def outbox(
-    tmp_path: Path, clock: FakeClock
-) -> Iterator[tuple[SqliteOutboxStore, sqlite3.Connection]]:
-    store = SqliteOutboxStore(tmp_path / "app.db", clock=clock)
-    store.create_schema()
-    conn = sqlite3.connect(tmp_path / "app.db")
-    yield store, conn
-    conn.close()
-    store.close()
-
-
 def test_outbox_figures_through_an_outage(
     registry: CollectorRegistry,
     clock: FakeClock,
-    outbox: tuple[SqliteOutboxStore, sqlite3.Connection],
+    sqlite_outbox: tuple[SqliteOutboxStore, sqlite3.Connection],
 ) -> None:
-    store, conn = outbox
+    store, conn = sqlite_outbox
     broker = InMemoryBroker()
     breaker = rs.CircuitBreaker("broker", failure_threshold=2, recovery_timeout=5.0, clock=clock)
     pub = OutboxPublisher(store, broker=broker, breaker=breaker, name="orders", clock=clock,

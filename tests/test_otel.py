@@ -234,22 +234,10 @@ def test_bulkhead_and_concurrency_limit(otel: Reader, clock: FakeClock) -> None:
     assert at(points, "resilience.concurrency.limit", name="tight") == 1
 
 
-@pytest.fixture
-def outbox(
-    tmp_path: Path, clock: FakeClock
-) -> Iterator[tuple[SqliteOutboxStore, sqlite3.Connection]]:
-    store = SqliteOutboxStore(tmp_path / "app.db", clock=clock)
-    store.create_schema()
-    conn = sqlite3.connect(tmp_path / "app.db")
-    yield store, conn
-    conn.close()
-    store.close()
-
-
 def test_outbox_publisher(
-    otel: Reader, clock: FakeClock, outbox: tuple[SqliteOutboxStore, sqlite3.Connection]
+    otel: Reader, clock: FakeClock, sqlite_outbox: tuple[SqliteOutboxStore, sqlite3.Connection]
 ) -> None:
-    store, conn = outbox
+    store, conn = sqlite_outbox
     broker = InMemoryBroker()
     breaker = rs.CircuitBreaker("broker", failure_threshold=2, recovery_timeout=5.0, clock=clock)
     pub = OutboxPublisher(store, broker=broker, breaker=breaker, name="orders", clock=clock)
@@ -335,7 +323,7 @@ def test_span_events_for_rejections_retries_timeouts_cache_and_outbox(
     otel: Reader,
     spans: Spans,
     clock: FakeClock,
-    outbox: tuple[SqliteOutboxStore, sqlite3.Connection],
+    sqlite_outbox: tuple[SqliteOutboxStore, sqlite3.Connection],
 ) -> None:
     metrics = OTelMetrics(otel.provider, span_events=True)
     breaker = rs.CircuitBreaker("dep", failure_threshold=1, recovery_timeout=5.0, clock=clock)
@@ -345,7 +333,7 @@ def test_span_events_for_rejections_retries_timeouts_cache_and_outbox(
     bulkhead = rs.Bulkhead(1, name="db")
     limit = rs.ConcurrencyLimit(initial=1, name="tight", clock=clock)
     cache = rs.TwoTierCache(local=rs.LocalCache(max_entries=10, ttl=30.0), ttl=60.0, name="c")
-    store, conn = outbox
+    store, conn = sqlite_outbox
     pub = OutboxPublisher(store, broker=InMemoryBroker(), name="orders", clock=clock)
     metrics.watch(breaker, limiter, retry, timeout, bulkhead, limit, cache, pub)
     with conn:
