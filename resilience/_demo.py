@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import sqlite3
 import sys
@@ -400,12 +401,19 @@ def _metric(text: str, series: str) -> float:
 def main(redis_url: str | None = None, postgres_dsn: str | None = None, fast: bool = False) -> int:
     _require_web()
     started = time.monotonic()
+    # The story narrates every transition itself: without a logging set-up of the
+    # user's, Python's last-resort handler would print the breaker's log lines too.
+    quiet = logging.NullHandler()
+    logger = logging.getLogger("resilience")
+    if not logging.getLogger().handlers:
+        logger.addHandler(quiet)
     shop = Shop(redis_url, postgres_dsn, fast)
     try:
         with _Server(shop.app()) as server:
             asyncio.run(_story(shop, f"http://127.0.0.1:{server.port}"))
     finally:
         shop.close()
+        logger.removeHandler(quiet)
     seconds = round(time.monotonic() - started, 1)
     print("\n== Summary")
     rows: list[tuple[str, object]] = [*shop.tally.items(), *shop.verdicts.items()]
