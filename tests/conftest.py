@@ -2,6 +2,7 @@
 
 - ``anyio_backend``: every ``@pytest.mark.anyio`` test runs on asyncio and on trio.
 - ``clock``: a :class:`resilience.testing.FakeClock` starting at 0.
+- ``serve``: ``serve(app, **uvicorn_config)`` starts a real uvicorn server (stopped at teardown).
 - ``sqlite_outbox``: a SQLite outbox store on that clock and an application connection.
 - Real Redis / PostgreSQL fixtures from ``support.services`` (see that module).
 """
@@ -26,6 +27,7 @@ from support.services import (
     require_asyncio,
     throwaway,
 )
+from support.uvicorn_server import serve
 
 from resilience.testing import FakeClock
 
@@ -47,6 +49,7 @@ __all__ = [
     "redis_prefix",
     "redis_url",
     "require_asyncio",
+    "serve",
     "sqlite_outbox",
     "throwaway",
 ]

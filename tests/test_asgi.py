@@ -50,7 +50,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from support.faultproxy import FaultProxy
-from support.uvicorn_server import UvicornServer, stop_all
+from support.uvicorn_server import UvicornServer
 from support.ws_client import WebSocketClient, server_supports_websockets
 
 import resilience as rs
@@ -113,20 +113,6 @@ def counting(calls: Counter[str], name: str, **headers: str) -> Endpoint:
         return PlainTextResponse(f"{name} {calls[name]}", headers=fields)
 
     return endpoint
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., UvicornServer]]:
-    """``serve(app, **uvicorn_config)``: a started server, stopped at teardown."""
-    servers: list[UvicornServer] = []
-
-    def start(app: Any, **config: Any) -> UvicornServer:
-        server = UvicornServer(app, **config).start()
-        servers.append(server)
-        return server
-
-    yield start
-    stop_all(servers)
 
 
 # uvicorn closes the connection after an app exception; a keep-alive client racing that

@@ -12,7 +12,7 @@ import math
 import socket
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import Any
 
 import anyio
@@ -22,7 +22,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
-from support.uvicorn_server import UvicornServer, stop_all
+from support.uvicorn_server import UvicornServer
 from test_asgi import counting, http, make_app
 
 import resilience as rs
@@ -30,19 +30,6 @@ from resilience.integrations.asgi import ResponseCacheMiddleware
 from resilience.testing import FakeClock
 
 Message = MutableMapping[str, Any]
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., UvicornServer]]:
-    servers: list[UvicornServer] = []
-
-    def start(app: Any, **config: Any) -> UvicornServer:
-        server = UvicornServer(app, **config).start()
-        servers.append(server)
-        return server
-
-    yield start
-    stop_all(servers)
 
 
 # --- truncated bodies ---------------------------------------------------------------------

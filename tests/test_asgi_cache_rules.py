@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
-from support.uvicorn_server import UvicornServer, stop_all
+from support.uvicorn_server import UvicornServer
 from test_asgi import http, make_app
 
 import resilience as rs
@@ -601,19 +601,6 @@ async def test_a_streamed_revalidation_answer_passes_through_and_is_stored() -> 
 
 
 # --- end to end, uvicorn ------------------------------------------------------------------
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., UvicornServer]]:
-    servers: list[UvicornServer] = []
-
-    def start(app: Any, **config: Any) -> UvicornServer:
-        server = UvicornServer(app, **config).start()
-        servers.append(server)
-        return server
-
-    yield start
-    stop_all(servers)
 
 
 def uvicorn_origin(origin: Origin, **options: Any) -> tuple[Any, FakeClock]:

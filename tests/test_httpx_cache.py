@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import gzip
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -79,20 +79,6 @@ class Origin:
             raw.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": body})
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Any], UvicornServer]]:
-    servers: list[UvicornServer] = []
-
-    def start(app: Any) -> UvicornServer:
-        server = UvicornServer(app).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 class Http:

@@ -721,20 +721,6 @@ class FixedWindow:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-@pytest.fixture
-def serve() -> Iterator[Callable[[Any], UvicornServer]]:
-    servers: list[UvicornServer] = []
-
-    def start(app: Any) -> UvicornServer:
-        server = UvicornServer(app).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
 @pytest.mark.anyio
 async def test_a_5xx_burst_is_retried_and_counted_by_the_hosts_breaker(
     anyio_backend: str, serve: Callable[[Any], UvicornServer]

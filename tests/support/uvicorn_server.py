@@ -25,9 +25,10 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TypeVar
 
+import pytest
 import uvicorn
 
-__all__ = ["UvicornServer", "running", "stop_all"]
+__all__ = ["UvicornServer", "running", "serve", "stop_all"]
 
 T = TypeVar("T")
 
@@ -220,3 +221,17 @@ def running(app: Any, **config: Any) -> Iterator[UvicornServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., UvicornServer]]:
+    """``serve(app, **uvicorn_config)``: a started server, stopped at teardown."""
+    servers: list[UvicornServer] = []
+
+    def start(app: Any, **config: Any) -> UvicornServer:
+        server = UvicornServer(app, **config).start()
+        servers.append(server)
+        return server
+
+    yield start
+    stop_all(servers)
