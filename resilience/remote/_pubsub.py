@@ -142,8 +142,9 @@ class _Link:
     """One subscriber connection (its own client and pool) and the confirmations it awaits."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        self.client: Any = redis.Redis(connection_pool=redis.ConnectionPool(**settings))
-        self.pubsub: Any = self.client.pubsub()  # type: ignore[no-untyped-call]
+        client: Any = redis.Redis(connection_pool=redis.ConnectionPool(**settings))
+        self.client = client
+        self.pubsub: Any = client.pubsub()
         self.pending: set[str] = set()
 
     def socket(self) -> socket.socket | None:
