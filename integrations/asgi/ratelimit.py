@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from resilience.integrations.asgi._asgi import ASGIApp, Message, Receive, Scope, Send, patterns
 from resilience.integrations.asgi.keys import KeyFunc, client_ip
@@ -93,7 +94,11 @@ def ratelimit_headers(
         policy = _policy(name, limiter, decision.limit)
     reset = reset_seconds(decision.reset_after)
     current = f'"{name}";r={max(0, decision.remaining)};t={reset}'.encode()
-    return [(b"ratelimit-policy", policy), (b"ratelimit", current)]
+    return [(_POLICY, policy), (_RATELIMIT, current)]
+
+
+_POLICY: Final = b"ratelimit-policy"
+_RATELIMIT: Final = b"ratelimit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +109,8 @@ class _Choice:
     cost: float
     key: KeyFunc
     name: str
-    name_bytes: bytes
-    policy: bytes | None  # the RateLimit-Policy field; None for groups (varies)
+    current: bytes  # the RateLimit field, to be filled in with r and t
+    policy: tuple[bytes, bytes] | None  # the RateLimit-Policy field; None for groups
     in_memory: bool
 
 
@@ -161,12 +166,13 @@ class RateLimitMiddleware:
             )
             for r in rules
         ]
-        self._policies: dict[tuple[str, int, int], bytes] = {}  # groups' policy fields
+        # Groups' policy fields, by name, group and bounding limit.
+        self._policies: dict[tuple[str, int, int], tuple[bytes, bytes]] = {}
         self._plain = not self._rules and not self._exempt
 
     def _choose(self, limiter: Limiter, cost: float, key: KeyFunc, name: str) -> _Choice:
         policy = (
-            _policy(name, limiter, int(limiter.capacity))
+            (_POLICY, _policy(name, limiter, int(limiter.capacity)))
             if isinstance(limiter, TokenBucket)
             else None
         )
@@ -175,7 +181,7 @@ class RateLimitMiddleware:
             cost,
             key,
             name,
-            name.encode(),
+            b'"%s";r=%%d;t=%%d' % name.encode(),
             policy,
             isinstance(limiter.backend, MemoryBackend),
         )
@@ -208,28 +214,30 @@ class RateLimitMiddleware:
             decision = limiter.try_acquire(key, choice.cost)  # no I/O: no coroutine needed
         else:
             decision = await limiter.atry_acquire(key, choice.cost)
-        if self.headers:
-            policy = choice.policy
-            if policy is None:  # a group: its bounding limit can change per decision
-                cache_key = (choice.name, id(limiter), decision.limit)
-                policy = self._policies.get(cache_key)
-                if policy is None:
-                    policy = self._policies[cache_key] = _policy(
-                        choice.name, limiter, decision.limit
-                    )
-            current = b'"%s";r=%d;t=%d' % (
-                choice.name_bytes,
-                decision.remaining if decision.remaining > 0 else 0,
-                reset_seconds(decision.reset_after),
-            )
-            extra = [(b"ratelimit-policy", policy), (b"ratelimit", current)]
-        else:
-            extra = []
-        if not decision.allowed:
-            await _too_many(send, decision, extra)
+        if not self.headers:
+            if decision.allowed:
+                await self.app(scope, receive, send)
+            else:
+                await _too_many(send, decision, [])
             return
-        if not extra:
-            await self.app(scope, receive, send)
+        allowed, remaining, _, reset, bound = decision  # one unpack, not four lookups
+        policy = choice.policy
+        if policy is None:  # a group: its bounding limit can change per decision
+            cache_key = (choice.name, id(limiter), bound)
+            policy = self._policies.get(cache_key)
+            if policy is None:
+                policy = self._policies[cache_key] = (
+                    _POLICY,
+                    _policy(choice.name, limiter, bound),
+                )
+        # reset_seconds(), inlined: this runs on every request.
+        current = (
+            _RATELIMIT,
+            choice.current
+            % (remaining if remaining > 0 else 0, math.ceil(reset - 1e-9) if reset > 1e-9 else 0),
+        )
+        if not allowed:
+            await _too_many(send, decision, [policy, current])
             return
 
         # A plain function returning send's awaitable, not a coroutine of its own: the
@@ -237,8 +245,7 @@ class RateLimitMiddleware:
         def send_with_fields(message: Message) -> Awaitable[None]:
             if message["type"] == "http.response.start":
                 # A copy: an app may send the same start message on every request.
-                message = dict(message)
-                message["headers"] = [*message.get("headers", ()), *extra]
+                message = {**message, "headers": [*message.get("headers", ()), policy, current]}
             return send(message)
 
         await self.app(scope, receive, send_with_fields)
