@@ -16,8 +16,9 @@ releasing that lock, whoever produced events calls :meth:`Dispatcher.drain` (or
 :meth:`adrain`). One drainer at a time delivers; others return at once and their
 events are delivered by the drainer that holds the turn, so order holds across
 threads and tasks without anyone waiting on a listener. A listener wrapped in
-:func:`in_context` runs in the context of the code that produced each event (its
-current span, for span events), whichever thread delivers it.
+:func:`in_context` is delivered by the producer itself, in the context of the code
+that produced each event (its current span, for span events), before that code's
+drain returns.
 
 **Logs.** The sink writes one log line per breaker state change it carries (logger
 ``resilience.breaker``), with its fields as ``extra``: see :data:`LOG_FIELDS`.
@@ -311,49 +312,69 @@ def key_hash(key: object) -> str:
     return hashlib.sha256(str(key).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-class _Stamped:
-    """A queued event with the context that produced it (see :func:`in_context`)."""
-
-    __slots__ = ("context", "event")
-
-    def __init__(self, event: object, context: contextvars.Context) -> None:
-        self.event = event
-        self.context = context
-
-
 class _Queue(deque[Any]):
     """A dispatcher's queue. ``append``/``extend`` are per-instance attributes, so a
-    dispatcher with an :func:`in_context` listener can stamp each event with the
-    producer's context, and one without keeps deque's own methods, pre-bound."""
+    dispatcher with an :func:`in_context` listener can also note each event, with the
+    producer's context, in the producing thread's own list (``own``), and one without
+    keeps deque's own methods, pre-bound."""
 
-    __slots__ = ("append", "extend")
+    __slots__ = ("append", "extend", "own")
 
     def __init__(self) -> None:
         super().__init__()
         self.plain()
 
     def plain(self) -> None:
+        self.__class__ = _Queue
+        self.own: threading.local | None = None
         self.append = super().append  # type: ignore[method-assign]
         self.extend = super().extend  # type: ignore[method-assign]
 
     def stamped(self) -> None:
-        push, push_all, context = super().append, super().extend, contextvars.copy_context
+        push, push_all, context = deque.append, deque.extend, contextvars.copy_context
+        own = self.own = threading.local()
+
+        def mine() -> list[tuple[object, contextvars.Context]]:
+            try:
+                pending: list[tuple[object, contextvars.Context]] = own.pending
+            except AttributeError:
+                pending = own.pending = []
+            return pending
 
         def append(event: object) -> None:
-            push(_Stamped(event, context()))
+            push(self, event)
+            mine().append((event, context()))
 
         def extend(events: Iterable[object]) -> None:
+            events = list(events)
+            push_all(self, events)
             now = context()
-            push_all([_Stamped(event, now) for event in events])
+            mine().extend((event, now) for event in events)
 
         self.append = append  # type: ignore[method-assign]
         self.extend = extend  # type: ignore[method-assign]
+        self.__class__ = _StampedQueue
+
+
+class _StampedQueue(_Queue):
+    """The queue while an :func:`in_context` listener is registered: it is true while
+    the calling thread has events of its own to deliver, even when another thread's
+    drain has taken the shared queue, so the producer's ``if queue: drain()`` still
+    runs and delivers them itself (before its call returns, while its span is open)."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return deque.__len__(self) > 0 or bool(getattr(self.own, "pending", None))
 
 
 class in_context:
-    """Wrap a sync listener so it runs in the context of the code whose call produced
-    each event (its contextvars: the current span), even when another thread delivers
-    it. Events are stamped only while such a listener is registered."""
+    """Wrap a sync listener so it runs in the thread and context of the code whose call
+    produced each event (its contextvars: the current span), before that call returns:
+    the producer delivers its own events to these listeners, so a span has its events
+    before it ends even while another thread holds the dispatcher's turn. Order holds
+    per producer, not across threads. Events are noted only while such a listener is
+    registered."""
 
     __slots__ = ("listener",)
 
@@ -437,29 +458,39 @@ class Dispatcher(Generic[E]):
         """Deliver queued events in order, holding the turn; yield each async listener's
         awaitable for the driver to await (:meth:`adrain`) or schedule (:meth:`drain`)."""
         queue, turn = self.queue, self._turn
-        while queue:
+        own = queue.own  # type: ignore[attr-defined]
+        if own is not None:
+            self._deliver_own(own)
+        size = deque.__len__  # the shared queue, not a stamped queue's own events
+        while size(queue):
             if not turn.acquire(blocking=False):
                 return  # the one holding the turn delivers our events too
             try:
-                while queue:
+                while size(queue):
                     event = queue.popleft()
-                    context = None
-                    if event.__class__ is _Stamped:
-                        context, event = event.context, event.event  # type: ignore[attr-defined]
                     write = _WRITERS.get(event.__class__)
                     if write is not None:
                         write(event)
                     for listener in self._listeners:
-                        if not self._takes(listener, event):
-                            continue
-                        if context is not None and listener.__class__ is in_context:
-                            context.run(self._call, listener, event)
-                            continue
+                        if listener.__class__ is in_context or not self._takes(listener, event):
+                            continue  # in_context listeners: the producer delivers
                         result = self._call(listener, event)
                         if result is not None:
                             yield listener, result
             finally:
                 turn.release()
+
+    def _deliver_own(self, own: threading.local) -> None:
+        """Deliver this thread's own noted events to the in_context listeners, each in
+        the context that produced it."""
+        pending = getattr(own, "pending", None)
+        while pending:
+            own.pending = []  # events a listener produces go to the next round
+            for event, context in pending:
+                for listener in self._listeners:
+                    if listener.__class__ is in_context and self._takes(listener, event):
+                        context.run(self._call, listener, event)
+            pending = own.pending
 
     def drain(self) -> None:
         """Deliver queued events from sync code. Async listeners are scheduled, not awaited."""

@@ -452,23 +452,29 @@ async def test_span_events_from_async_code(otel: Reader, spans: Spans) -> None:
 
 
 def test_in_context_listeners_run_in_the_producers_context() -> None:
-    # Thread A holds the dispatcher's turn while thread B's event arrives: A delivers it,
-    # and the in_context listener still sees B's context.
+    # Thread A holds the dispatcher's turn (its plain listener is stuck) when thread B's
+    # event arrives. B returns at once, having delivered its own event to the in_context
+    # listener in B's context (its span must not end first); A delivers B's event to the
+    # plain listener later, in order.
     import contextvars
 
     from resilience.events import Dispatcher, in_context
 
     who: contextvars.ContextVar[str] = contextvars.ContextVar("who", default="nobody")
     seen: list[tuple[object, str]] = []
+    plain: list[object] = []
     holding, go_on = threading.Event(), threading.Event()
 
-    def listener(event: object) -> None:
+    def stuck(event: object) -> None:
         if event == "a":
             holding.set()
             go_on.wait(5)
+        plain.append(event)
+
+    def listener(event: object) -> None:
         seen.append((event, who.get()))
 
-    dispatcher: Dispatcher[str] = Dispatcher([in_context(listener)])
+    dispatcher: Dispatcher[str] = Dispatcher([stuck, in_context(listener)])
 
     def produce(name: str) -> None:
         who.set(name)
@@ -478,16 +484,38 @@ def test_in_context_listeners_run_in_the_producers_context() -> None:
     a = threading.Thread(target=produce, args=("a",))
     a.start()
     assert holding.wait(5)
+    assert seen == [("a", "a")]  # A's own, before its plain listener got stuck
     b = threading.Thread(target=produce, args=("b",))
     b.start()
-    b.join(5)  # B returned at once: A holds the turn and delivers B's event
+    b.join(5)
     assert not b.is_alive()
+    assert seen == [("a", "a"), ("b", "b")]  # B's, delivered by B before it returned
+    assert plain == []
     go_on.set()
     a.join(5)
-    assert seen == [("a", "a"), ("b", "b")]
-    dispatcher.remove(dispatcher._listeners[0])
+    assert plain == ["a", "b"]  # the turn's holder delivered B's to the plain listener
+    assert seen == [("a", "a"), ("b", "b")]  # once each
+    dispatcher.remove(dispatcher._listeners[1])
     dispatcher.queue.append("c")
-    assert list(dispatcher.queue) == ["c"]  # no stamp without an in_context listener
+    assert not getattr(dispatcher.queue, "own", None)  # nothing noted without one
+    assert list(dispatcher.queue) == ["c"]
+
+
+def test_a_producer_whose_event_another_thread_drained_still_delivers_its_own() -> None:
+    # The breaker's shell drains only `if queue:`. When another thread has taken the
+    # shared queue, the producer's own noted events must still make the queue true.
+    from resilience.events import Dispatcher, in_context
+
+    seen: list[object] = []
+    dispatcher: Dispatcher[str] = Dispatcher([in_context(seen.append)])
+    dispatcher.queue.append("mine")
+    taken = threading.Thread(target=lambda: dispatcher.queue.popleft())
+    taken.start()
+    taken.join(5)
+    assert dispatcher.queue  # the shared part is empty; this thread's own is not
+    dispatcher.drain()
+    assert seen == ["mine"]
+    assert not dispatcher.queue
 
 
 def test_tally_hooks_run_per_add_and_unhooked_tallies_stay_c_level() -> None:
