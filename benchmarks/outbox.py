@@ -852,8 +852,8 @@ def main(quick: bool) -> dict[str, Any]:
     )
     print(
         "ours: OutboxPublisher.run_once() (one claim statement: advisory lock, then a walk"
-        " of the pending index + SKIP LOCKED; one pipelined XADD round trip per batch with"
-        " fields event_id/topic/key/payload/created; one mark-published statement),"
+        " of the pending index + one UPDATE by address; one pipelined XADD round trip per"
+        " batch with fields event_id/topic/key/payload/created; one mark-published statement),"
         " default breaker"
     )
 

@@ -208,6 +208,56 @@ def test_two_owners_drain_a_deep_table_once_each_in_per_key_order(pg: Kit) -> No
     ]
 
 
+# -- a write-back in flight when a claim reaches its row ------------------------------------
+
+# What a late owner's write-back leaves: the row published, released to later, or as it was.
+ENDINGS = {
+    "published": "UPDATE {t} SET status = 'published', published_at = 0,"
+    " lease_owner = NULL, lease_until = NULL WHERE id = %s",
+    "released": "UPDATE {t} SET lease_owner = NULL, lease_until = NULL,"
+    " available_at = 1e12 WHERE id = %s",
+    "rolled back": "UPDATE {t} SET status = 'published' WHERE id = %s",
+}
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS))
+def test_a_claim_waits_for_a_write_back_in_flight_and_takes_the_row_only_if_still_ready(
+    pg: Kit, postgres_dsn: str, clock: FakeClock, ending: str
+) -> None:
+    # Owner a's lease ran out while it published; its write-back holds the row (not yet
+    # committed) as b's claim reaches it. b waits, then takes the row only if what a left
+    # is still ready: never a published row, never one released to later.
+    fill(pg, [("k", 0), ("other", 0)])
+    late = next(e for e in pg.store.claim("a", 10, 30.0) if e.key == "k")
+    clock.advance(31.0)
+    store = pg.store
+    assert isinstance(store, PostgresOutboxStore)
+    got: list[list[OutboxEvent]] = []
+    with psycopg.connect(postgres_dsn) as writer, psycopg.connect(postgres_dsn) as watcher:
+        writer.execute(ENDINGS[ending].format(t=store.qualified), (late.id,))  # type: ignore[arg-type]
+        claimer = threading.Thread(target=lambda: got.append(store.claim("b", 10, 30.0)))
+        claimer.start()
+        blocked = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+        for _ in range(500):  # until b's claim waits on the writer (or is done)
+            if not claimer.is_alive():
+                break
+            row = watcher.execute(blocked, (writer.info.backend_pid,)).fetchone()
+            if row and row[0]:
+                break
+            threading.Event().wait(0.01)
+        assert claimer.is_alive(), "the claim did not wait for the write-back in flight"
+        if ending == "rolled back":
+            writer.rollback()
+        else:
+            writer.commit()
+        claimer.join(10.0)
+    assert not claimer.is_alive()
+    taken = {e.key for e in got[0]}
+    assert taken == ({"k", "other"} if ending == "rolled back" else {"other"})
+    status = "pending" if ending != "published" else "published"
+    assert pg.query(f"SELECT status FROM resilience_outbox WHERE id = {late.id}") == [(status,)]
+
+
 # -- the session function: made again after DISCARD, a transaction without it ------------
 
 

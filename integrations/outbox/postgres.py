@@ -2,8 +2,9 @@
 
 A claim is one statement, one round trip: a function in the session's temporary schema
 takes a transaction-scoped advisory lock that serializes claims (each a few
-milliseconds), then walks the pending index from its head and leases ready rows with
-``FOR UPDATE SKIP LOCKED``, never waiting on rows another relay is writing back. The lock
+milliseconds), then walks the pending index from its head and leases ready rows by
+their addresses in one UPDATE (a row another relay is writing back meanwhile is taken
+only if its new version is still ready). The lock
 is what makes per-key order safe with several relays: a claim that takes a key's later
 rows together with its head must see every earlier claim's leases, which concurrent
 snapshots would not (the walk is a statement of its own inside the function, so its
@@ -73,18 +74,18 @@ _SQL = {
         verdict AS (
             SELECT w.id, w.tid, w.free AND (b.head IS NULL OR b.head > w.id) AS ok
             FROM walk AS w LEFT JOIN blocked AS b ON b.key = w.key),
-        picked AS (
-            SELECT o.ctid FROM {{t}} AS o, clock
-            WHERE o.ctid = ANY(ARRAY(
-                    SELECT v.tid FROM verdict AS v WHERE v.ok ORDER BY v.id LIMIT %(limit)s))
-              -- checked again on a row a write-back changed while we waited for it
-              AND o.status = 'pending' AND o.available_at <= clock.now
-              AND (o.lease_until IS NULL OR o.lease_until <= clock.now)
-            FOR UPDATE OF o SKIP LOCKED),
         claimed AS (
-            -- By the locked versions' addresses: no second index lookup per row.
+            -- By the walked versions' addresses: no second index lookup per row, and no
+            -- row-lock pass first (a WAL record per row). Claims are serialized by the
+            -- advisory lock; a row a write-back changes meanwhile is waited for, then
+            -- left to the next claim (its new version has another address) or taken only
+            -- if it still passes these conditions, which are rechecked on it.
             UPDATE {{t}} AS r SET lease_owner = %(owner)s, lease_until = clock.now + %(lease)s
-            FROM clock WHERE r.ctid = ANY(ARRAY(SELECT ctid FROM picked))
+            FROM clock
+            WHERE r.ctid = ANY(ARRAY(
+                    SELECT v.tid FROM verdict AS v WHERE v.ok ORDER BY v.id LIMIT %(limit)s))
+              AND r.status = 'pending' AND r.available_at <= clock.now
+              AND (r.lease_until IS NULL OR r.lease_until <= clock.now)
             RETURNING r.id, r.event_id::text, r.topic, r.key, r.payload::text,
                       r.headers::text, r.created, r.attempts)
         SELECT * FROM claimed
