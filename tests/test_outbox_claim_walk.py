@@ -234,7 +234,7 @@ def test_a_claim_waits_for_a_write_back_in_flight_and_takes_the_row_only_if_stil
     assert isinstance(store, PostgresOutboxStore)
     got: list[list[OutboxEvent]] = []
     with psycopg.connect(postgres_dsn) as writer, psycopg.connect(postgres_dsn) as watcher:
-        writer.execute(ENDINGS[ending].format(t=store.qualified), (late.id,))  # type: ignore[arg-type]
+        writer.execute(ENDINGS[ending].format(t=store.qualified), (late.id,))
         claimer = threading.Thread(target=lambda: got.append(store.claim("b", 10, 30.0)))
         claimer.start()
         blocked = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
