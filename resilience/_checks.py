@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from types import CoroutineType
+from typing import TypeVar
 
-__all__ = ["a", "positive_seconds"]
+__all__ = ["a", "async_result", "positive_seconds", "sync_result"]
+
+R = TypeVar("R")
 
 
 def positive_seconds(field: str, value: object, *, maximum: float | None = None) -> float:
@@ -25,3 +29,22 @@ def positive_seconds(field: str, value: object, *, maximum: float | None = None)
 def a(noun: str) -> str:
     """``noun`` with its indefinite article, for messages: "a dict", "an object"."""
     return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def sync_result(result: R, api: str) -> R:
+    """``result`` of a sync call API (``call()``, a sync decorator), unless it is a
+    coroutine: an async function run there would come back unguarded, to run outside the
+    policy (unretried, unlimited, untimed) wherever it is awaited. TypeError instead."""
+    if result.__class__ is CoroutineType:
+        result.close()  # type: ignore[attr-defined]
+        raise TypeError(
+            f"{api}() got a coroutine: the function is async, so it needs "
+            f"{api.rpartition('.')[0]}.a{api.rpartition('.')[2]}() (await it) or the decorator"
+        )
+    return result
+
+
+def async_result(result: R, api: str) -> R:
+    """The async side of :func:`sync_result` (the sync twins are generated from async
+    sources): an awaited result is whatever the function returns."""
+    return result

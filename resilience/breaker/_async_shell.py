@@ -9,7 +9,7 @@ call nested in a call of the same breaker passes through (see CircuitBreaker).
 # unasync: aon_error -> on_error, aon_result -> on_result, _acall -> _call, acall -> call
 # unasync: atry_acquire -> try_acquire, _adrain -> _drain, _wrap_async -> _wrap_sync
 # unasync: breaker_async -> breaker_sync, _IN_ASYNC -> _IN_SYNC, Awaitable[R] -> R
-# unasync: asuccess -> success
+# unasync: asuccess -> success, async_result -> sync_result
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
+from resilience._checks import async_result
 from resilience.breaker._core import _IN_ASYNC, _INSIDE, BreakerCore
 from resilience.breaker.events import Outcome
 from resilience.breaker.permit import Permit
@@ -70,7 +71,7 @@ class AsyncBreakerOps(BreakerCore):
 
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` through the breaker."""
-        return await self._acall(fn, args, kwargs)
+        return async_result(await self._acall(fn, args, kwargs), "CircuitBreaker.acall")
 
     # The full path of every call shape: nested calls pass through, the rest mark the
     # context while they run.

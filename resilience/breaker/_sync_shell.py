@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
+from resilience._checks import sync_result
 from resilience.breaker._core import _IN_SYNC, _INSIDE, BreakerCore
 from resilience.breaker.events import Outcome
 from resilience.breaker.permit import Permit
@@ -63,7 +64,7 @@ class SyncBreakerOps(BreakerCore):
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` through the breaker."""
-        return self._call(fn, args, kwargs)
+        return sync_result(self._call(fn, args, kwargs), "CircuitBreaker.call")
 
     # The full path of every call shape: nested calls pass through, the rest mark the
     # context while they run.

@@ -8,6 +8,7 @@ closing a window and errors take the long way (:mod:`._slots`, :mod:`._limit_cor
 
 # unasync: AsyncLimitOps -> SyncLimitOps, acall -> call, aacquire -> acquire
 # unasync: _aenter -> _enter, _IN_ASYNC -> _IN_SYNC, Awaitable[R] -> R
+# unasync: async_result -> sync_result
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import ParamSpec, TypeVar
 
+from resilience._checks import async_result
 from resilience.policies._limit_core import _IN_ASYNC, LimitCore, LimitPermit
 
 __all__ = ["AsyncLimitOps"]
@@ -54,10 +56,10 @@ class AsyncLimitOps(LimitCore):
         if end < window.until and not self._waiters:
             self._active -= 1
             lock.release()
-            return result
+            return async_result(result, "ConcurrencyLimit.acall")
         lock.release()
         self._close(end)
-        return result
+        return async_result(result, "ConcurrencyLimit.acall")
 
     async def aacquire(self, partition: str | None = None) -> LimitPermit:
         """Wait (up to ``max_wait``) for a slot, and return its permit; LimitExceeded when

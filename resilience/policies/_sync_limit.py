@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import ParamSpec, TypeVar
 
+from resilience._checks import sync_result
 from resilience.policies._limit_core import _IN_SYNC, LimitCore, LimitPermit
 
 __all__ = ["SyncLimitOps"]
@@ -53,10 +54,10 @@ class SyncLimitOps(LimitCore):
         if end < window.until and not self._waiters:
             self._active -= 1
             lock.release()
-            return result
+            return sync_result(result, "ConcurrencyLimit.call")
         lock.release()
         self._close(end)
-        return result
+        return sync_result(result, "ConcurrencyLimit.call")
 
     def acquire(self, partition: str | None = None) -> LimitPermit:
         """Wait (up to ``max_wait``) for a slot, and return its permit; LimitExceeded when

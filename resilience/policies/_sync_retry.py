@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
+from resilience._checks import sync_result
 from resilience.policies import deadline as _deadline
 from resilience.policies._retry_core import RetryCore
 
@@ -24,11 +25,13 @@ class SyncRetryOps(RetryCore):
             return self._loop(fn, args, kwargs)
         self._calls.add()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except Exception as error:
             if not self._retryable(error):
                 raise
             first = error
+        else:
+            return sync_result(result, "Retry.call")  # outside the try: never retried
         # Retried outside the except block, so that later errors do not chain to the
         # first (__context__) and the retries' sleeps do not run inside a handler.
         return self._loop(fn, args, kwargs, first)
@@ -63,6 +66,7 @@ class SyncRetryOps(RetryCore):
                         raise
                     error = first
                 else:
+                    result = sync_result(result, "Retry.call")
                     if self.on_result is None or not self.on_result(result):
                         return result  # type: ignore[no-any-return]
             while True:

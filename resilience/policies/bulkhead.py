@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import ParamSpec, TypeVar
 
+from resilience._checks import sync_result
 from resilience.errors import BulkheadFull
 from resilience.events import Telemetry
 from resilience.policies._base import Policy, check_name
@@ -81,7 +82,7 @@ class Bulkhead(Slots, Policy):
             lock.release()
             self._enter()
         try:
-            return fn(*args, **kwargs)
+            return sync_result(fn(*args, **kwargs), "Bulkhead.call")
         finally:
             lock.acquire()
             if self._waiters:

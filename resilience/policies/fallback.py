@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
+from resilience._checks import sync_result
 from resilience.events import Tally, Telemetry
 from resilience.policies._base import Policy, check_name, is_async, matcher
 
@@ -42,11 +43,12 @@ class Fallback(Policy):
             )
         self._calls.add()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except Exception as error:
             if not self.on(error):
                 raise
             return self._answer(error)  # type: ignore[no-any-return]
+        return sync_result(result, "Fallback.call")  # outside the try: no fallback for it
 
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         self._calls.add()

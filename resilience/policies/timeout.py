@@ -28,7 +28,7 @@ import anyio
 
 from resilience import _clock
 from resilience._cancel import EXPIRED
-from resilience._checks import positive_seconds
+from resilience._checks import positive_seconds, sync_result
 from resilience._clock import SYSTEM_CLOCK, Clock, resolve
 from resilience.errors import TimeoutExceeded
 from resilience.events import Tally, Telemetry
@@ -132,7 +132,7 @@ class Timeout(Policy):
         if monotonic() > ends:
             self._overruns.add()
             raise TimeoutExceeded(self.seconds, self.name)
-        return result
+        return sync_result(result, "Timeout.call")
 
     # -- async -------------------------------------------------------------------------------
 
