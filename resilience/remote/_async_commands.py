@@ -10,6 +10,7 @@ retries each command itself.
 
 # unasync: AsyncCommands -> SyncCommands, arun -> run, arun_many -> run_many
 # unasync: aevalsha -> evalsha, aclose -> close, _adrop -> _drop, _adrop_idle -> _drop_idle
+# unasync: _aread_replies -> _read_replies
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from resilience.remote._clients import OUTAGE_ERRORS
-from resilience.remote._connections import CommandsBase, _adrop_idle
+from resilience.remote._connections import CommandsBase, _adrop_idle, _aread_replies
 from resilience.remote._script import Script
 
 __all__ = ["AsyncCommands"]
@@ -60,13 +61,7 @@ class AsyncCommands(CommandsBase):
         conn = await pool.get_connection()
         try:
             await conn.send_packed_command([packed], check_health=False)
-            replies: list[Any] = []
-            for _ in range(count):
-                try:
-                    replies.append(await conn.read_response(disable_decoding=True))
-                except ResponseError as error:
-                    replies.append(error)
-            return replies
+            return await _aread_replies(conn, count)
         except BaseException as error:
             await _adrop(pool, conn, error)
             raise

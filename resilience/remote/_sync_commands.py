@@ -18,7 +18,7 @@ from typing import Any
 from redis.exceptions import NoScriptError, ResponseError
 
 from resilience.remote._clients import OUTAGE_ERRORS
-from resilience.remote._connections import CommandsBase, _drop_idle
+from resilience.remote._connections import CommandsBase, _drop_idle, _read_replies
 from resilience.remote._script import Script
 
 __all__ = ["SyncCommands"]
@@ -59,13 +59,7 @@ class SyncCommands(CommandsBase):
         conn = pool.get_connection()
         try:
             conn.send_packed_command([packed], check_health=False)
-            replies: list[Any] = []
-            for _ in range(count):
-                try:
-                    replies.append(conn.read_response(disable_decoding=True))
-                except ResponseError as error:
-                    replies.append(error)
-            return replies
+            return _read_replies(conn, count)
         except BaseException as error:
             _drop(pool, conn, error)
             raise
