@@ -18,9 +18,15 @@ from resilience import remote
 pytestmark = pytest.mark.redis
 
 
-def packed(*commands: tuple[object, ...]) -> bytes:
-    conn = redis.Connection()  # packs only: never connects
-    return b"".join(b"".join(conn.pack_command(*c)) for c in commands)
+def packed(*commands: tuple[str, ...]) -> bytes:
+    """Commands as RESP, by hand: what a caller of run_many pre-packs."""
+    out = []
+    for command in commands:
+        out.append(b"*%d\r\n" % len(command))
+        for arg in command:
+            data = arg.encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
 
 
 def batch(prefix: str, n: int, bad_at: int) -> bytes:
