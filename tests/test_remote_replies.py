@@ -139,35 +139,30 @@ def test_run_many_times_out_on_a_silent_server_and_drops_the_connection(
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_arun_many_times_out_on_a_silent_server_and_drops_the_connection(
-    proxy: FaultProxy, redis_url: str, prepared: str
+@pytest.mark.parametrize(
+    ("fault", "error"),
+    [("blackhole", redis.exceptions.TimeoutError), ("cut", redis.exceptions.ConnectionError)],
+)
+async def test_arun_many_on_a_silent_or_closed_server_raises_and_drops_the_connection(
+    proxy: FaultProxy,
+    redis_url: str,
+    prepared: str,
+    fault: str,
+    error: type[redis.exceptions.RedisError],
 ) -> None:
+    """A silent server is a TimeoutError within the budget, a closed one a ConnectionError:
+    outages to the guard, and the connection with replies still due is not reused."""
     commands = remote.Commands(redis.asyncio.Redis.from_url(proxy.url_for(redis_url)), 0.3)
     try:
         assert await commands.arun("PING") == b"PONG"
-        proxy.blackhole()
+        getattr(proxy, fault)()
         start = time.monotonic()
-        with pytest.raises(redis.exceptions.TimeoutError):
+        with pytest.raises(error):
             await commands.arun_many(batch(prepared, 200, 3), 200)
         assert time.monotonic() - start < 2.0
+        assert issubclass(error, remote.OUTAGE_ERRORS)
         proxy.restore()
         check(await commands.arun_many(batch(prepared, 10, 3), 10), 10, 3)
-    finally:
-        await commands.aclose()
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_arun_many_on_a_server_that_closes_mid_batch_is_a_connection_error(
-    proxy: FaultProxy, redis_url: str, prepared: str
-) -> None:
-    commands = remote.Commands(redis.asyncio.Redis.from_url(proxy.url_for(redis_url)), 1.0)
-    try:
-        assert await commands.arun("PING") == b"PONG"
-        proxy.cut()
-        with pytest.raises(redis.exceptions.ConnectionError):
-            await commands.arun_many(batch(prepared, 200, 3), 200)
-        assert isinstance(redis.exceptions.ConnectionError(), remote.OUTAGE_ERRORS)
     finally:
         proxy.restore()
         await commands.aclose()
