@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # The installed link tree must be rebuilt when a source file is added or removed.
 SOURCES := $(sort $(shell find resilience integrations -type f \( -name '*.py' -o -name '*.lua' -o -name '*.sql' -o -name 'py.typed' \) 2>/dev/null))
 
-.PHONY: demo test lint unasync typecheck check-install pytest bench clean
+.PHONY: demo test lint unasync typecheck check-install pytest bench constraints clean
 
 demo: $(VENV)/.installed
 	$(BIN)/resilience demo
@@ -46,6 +46,11 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.sources
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]' --config-settings editable_mode=strict
 	touch $@
+
+# Pin what CI installs to what this .venv has (after a fresh install has passed make test).
+constraints: $(VENV)/.installed
+	{ sed -n '1,2p' .ci/constraints.txt; $(BIN)/python -m pip freeze --exclude-editable; } > .ci/constraints.txt.new
+	mv .ci/constraints.txt.new .ci/constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info
