@@ -5,6 +5,7 @@ a redis TimeoutError within the budget and is dropped, not handed to the next ca
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -165,4 +166,38 @@ async def test_arun_many_on_a_silent_or_closed_server_raises_and_drops_the_conne
         check(await commands.arun_many(batch(prepared, 10, 3), 10), 10, 3)
     finally:
         proxy.restore()
+        await commands.aclose()
+
+
+class _OlderConnection(redis.asyncio.Connection):
+    """A connection as older redis-py releases had it: no _read_response_from_parser."""
+
+    _read_response_from_parser = None  # type: ignore[assignment]
+
+    async def read_response(
+        self,
+        disable_decoding: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 - the signature it overrides
+        *,
+        disconnect_on_error: bool = True,
+        push_request: bool | None = False,
+    ) -> Any:
+        parser: Any = self._parser
+        response = await parser.read_response(disable_decoding=disable_decoding)
+        if isinstance(response, redis.exceptions.ResponseError):
+            raise response
+        return response
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_arun_many_on_an_older_redis_py_reads_through_read_response(
+    redis_url: str, prepared: str
+) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url, connection_class=_OlderConnection)
+    commands = remote.Commands(client, 2.0)
+    try:
+        check(await commands.arun_many(batch(prepared, 130, 70), 130), 130, 70)
+        assert await commands.arun("PING") == b"PONG"
+    finally:
         await commands.aclose()

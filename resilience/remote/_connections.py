@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Final
 
 import anyio
@@ -73,14 +74,8 @@ async def _aread_replies(conn: Any, count: int) -> list[Any]:
     # still hands push messages to their handlers), one timeout per _GROUP replies: 1.4 ms.
     read = getattr(conn, "_read_response_from_parser", None)
     if read is None:  # another redis-py: its public path
-        replies: list[Any] = []
-        for _ in range(count):
-            try:
-                replies.append(await conn.read_response(disable_decoding=True))
-            except redis.exceptions.ResponseError as error:
-                replies.append(error)
-        return replies
-    replies = []
+        read = functools.partial(_aread_public, conn)
+    replies: list[Any] = []
     try:
         while len(replies) < count:
             with anyio.fail_after(conn.socket_timeout):
@@ -94,6 +89,13 @@ async def _aread_replies(conn: Any, count: int) -> list[Any]:
             f"Error while reading from {_where(conn)}: {error}"
         ) from error
     return replies
+
+
+async def _aread_public(conn: Any, disable_decoding: bool) -> Any:
+    try:
+        return await conn.read_response(disable_decoding=disable_decoding)
+    except redis.exceptions.ResponseError as error:
+        return error
 
 
 def _where(conn: Any) -> str:
