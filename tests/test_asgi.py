@@ -186,6 +186,34 @@ def test_ratelimit_fields_on_allowed_and_limited_responses(
     assert limited.json() == {"detail": "Too Many Requests"}
 
 
+def test_ratelimit_fields_leave_an_app_s_reused_start_message_alone(
+    serve: Callable[..., UvicornServer],
+) -> None:
+    """A raw ASGI app may send one module-level start message on every request: the
+    fields go on a copy, so each response has one of each and the app's message and its
+    header list stay as they were."""
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+    start: Message = {"type": "http.response.start", "status": 200, "headers": headers}
+    body: Message = {"type": "http.response.body", "body": b"ok"}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(start)
+        await send(body)
+
+    limiter = rs.TokenBucket(rate=0.4, capacity=3)
+    server = serve(RateLimitMiddleware(app, limiter), lifespan="off")
+    with http(server) as client:
+        responses = [client.get("/") for _ in range(3)]
+
+    for r in responses:
+        assert r.headers.get_list("ratelimit-policy") == ['"default";q=3;w=8']
+        assert len(r.headers.get_list("ratelimit")) == 1
+    assert [r.headers["ratelimit"].split(";")[1] for r in responses] == ["r=2", "r=1", "r=0"]
+    assert start["headers"] is headers
+    assert headers == [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+    assert set(start) == {"type", "status", "headers"}
+
+
 def test_rules_pick_limiter_cost_and_name_by_method_and_path(
     serve: Callable[..., UvicornServer],
 ) -> None:
