@@ -587,6 +587,37 @@ def test_in_flight_requests_are_not_let_through_twice() -> None:
     assert holds.take("k") == 10.0  # held: the two in flight are counted already
 
 
+def test_a_request_counted_in_the_servers_next_window_keeps_room_for_those_before_it() -> None:
+    """Threads reorder requests: ticket 12 reaches the server just after its window
+    flipped, ticket 11 (sent earlier, unanswered) lands behind it in the same new
+    window. The new window's limit leaves room for ticket 11, so the server's quota of
+    12 holds (the CI failure: one 429 with six threads)."""
+    clock = FakeClock()
+    holds = MemoryHolds(clock=clock)
+    quota = 12
+    first = holds.take("k")
+    assert isinstance(first, Ticket)
+    clock.advance(0.5)  # the server's window ends at 3.0; it says t=ceil(2.5)=3
+    holds.observe("k", first, ServerLimits(remaining=11, reset=3.0, quota=quota, window=3.0))
+    tickets = [holds.take("k") for _ in range(11)]
+    assert all(isinstance(t, Ticket) for t in tickets)
+    assert holds.take("k") == 3.0  # all 12 used; the window ends at 3.5 here
+    for seq, ticket in enumerate(tickets[:9], start=2):  # answers to tickets 2..10
+        assert isinstance(ticket, Ticket)
+        holds.observe("k", ticket, ServerLimits(remaining=quota - seq, reset=3.0))
+    clock.advance(2.7)  # 3.2: the server is in its next window, ours lasts to 3.5
+    twelfth = tickets[10]
+    assert isinstance(twelfth, Ticket)
+    # The first request of the server's new window: 11 left, 3 s to go (ceil(2.8)).
+    holds.observe("k", twelfth, ServerLimits(remaining=11, reset=3.0))
+    admitted = 0
+    while isinstance(holds.take("k"), Ticket):
+        admitted += 1
+    # The server's new window: ticket 12, ticket 11 still on its way, and these.
+    assert 2 + admitted <= quota
+    assert admitted == quota - 2  # and no room lost beyond ticket 11's
+
+
 def test_x_ratelimit_and_retry_after_hold_too(clock: FakeClock) -> None:
     trio = httpx.Response(
         200,

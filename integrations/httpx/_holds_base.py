@@ -16,7 +16,9 @@ Retry-After: nothing goes before it ends) and the host's **policy** (``q`` reque
   own place in its window, not from what is left now, is what keeps requests already in
   flight from being let through twice. ``t`` moves the window's end to the server's;
   a ``t`` over a second past the end is a later window of the server's, whose ``seq + r``
-  replaces the limit. A response from an older window changes nothing.
+  replaces the limit, less the requests sent before this one that may still be in
+  flight (the memory store counts the answers it saw; they land in that window too).
+  A response from an older window changes nothing.
 
 So when every client of a server shares one record and the server counts requests in
 the order they are sent, a window never admits more than the server's quota. Token
@@ -104,7 +106,8 @@ class MemoryHolds:
         self._monotonic: Callable[[], float] = self._clock.monotonic
         self._lock = threading.Lock()
         self._generations = itertools.count(1)
-        self._windows: dict[str, list[Any]] = {}  # key -> [generation, seq, limit, ends]
+        # key -> [generation, seq, limit, ends, answers observed in this window]
+        self._windows: dict[str, list[Any]] = {}
         self._holds: dict[str, float] = {}  # key -> until
         self._policies: dict[str, tuple[int, float | None, float]] = {}  # q, w, until
         self._allowed = Tally()
@@ -137,7 +140,7 @@ class MemoryHolds:
                     policy = None
                 limit = policy[0] if policy is not None else -1
                 length = policy[1] if policy is not None and policy[1] else self.default_window
-                window = [f"m{next(self._generations)}", 0, limit, now + length]
+                window = [f"m{next(self._generations)}", 0, limit, now + length, 0]
                 self._windows[key] = window
             elif 0 <= window[2] <= window[1]:
                 self._held.add()
@@ -164,12 +167,19 @@ class MemoryHolds:
             window = self._windows.get(key)
             if window is None or window[0] != ticket.window or window[3] <= now:
                 return  # a response from an older window
+            window[4] += 1
             bound = ticket.seq + limits.remaining
             later = False
             if limits.reset is not None:
                 ends = now + limits.reset
                 later = ends > window[3] + _LATER
                 window[3] = ends
+            if later:
+                # The server counted this request in its next window, where requests sent
+                # before it and still in flight may land too (threads reorder them): keep
+                # room for as many of them as can be unanswered.
+                others, after = window[4] - 1, window[1] - ticket.seq
+                bound -= ticket.seq - 1 - min(ticket.seq - 1, max(0, others - after))
             if window[2] < 0 or bound < window[2] or later:
                 window[2] = bound
 
