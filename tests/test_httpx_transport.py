@@ -587,6 +587,20 @@ def test_in_flight_requests_are_not_let_through_twice() -> None:
     assert holds.take("k") == 10.0  # held: the two in flight are counted already
 
 
+def test_the_first_answer_keeps_room_for_unanswered_requests_sent_before_it() -> None:
+    """Six threads send before any answer; the server sees ticket 2 first. Its answer
+    (11 left) must not let a 13th request through while ticket 1 is on its way."""
+    holds = MemoryHolds(clock=FakeClock())
+    tickets = [holds.take("k") for _ in range(6)]
+    second = tickets[1]
+    assert isinstance(second, Ticket)
+    holds.observe("k", second, ServerLimits(remaining=11, reset=3.0, quota=12, window=3.0))
+    admitted = 0
+    while isinstance(holds.take("k"), Ticket):
+        admitted += 1
+    assert 6 + admitted == 12
+
+
 def test_a_request_counted_in_the_servers_next_window_keeps_room_for_those_before_it() -> None:
     """Threads reorder requests: ticket 12 reaches the server just after its window
     flipped, ticket 11 (sent earlier, unanswered) lands behind it in the same new

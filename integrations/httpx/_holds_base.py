@@ -16,8 +16,9 @@ Retry-After: nothing goes before it ends) and the host's **policy** (``q`` reque
   own place in its window, not from what is left now, is what keeps requests already in
   flight from being let through twice. ``t`` moves the window's end to the server's;
   a ``t`` over a second past the end is a later window of the server's, whose ``seq + r``
-  replaces the limit, less the requests sent before this one that may still be in
-  flight (the memory store counts the answers it saw; they land in that window too).
+  replaces the limit. A limit set afresh (that, or the first one) leaves room for the
+  requests sent before this one that may still be in flight and land behind it (the
+  memory store counts the answers it saw).
   A response from an older window changes nothing.
 
 So when every client of a server shares one record and the server counts requests in
@@ -174,10 +175,11 @@ class MemoryHolds:
                 ends = now + limits.reset
                 later = ends > window[3] + _LATER
                 window[3] = ends
-            if later:
-                # The server counted this request in its next window, where requests sent
-                # before it and still in flight may land too (threads reorder them): keep
-                # room for as many of them as can be unanswered.
+            if later or window[2] < 0:
+                # The limit is set afresh from this answer (the server counted this request
+                # in its next window, or nothing was known): requests sent before it and
+                # still in flight may land behind it (threads reorder them), so keep room
+                # for as many of them as can be unanswered.
                 others, after = window[4] - 1, window[1] - ticket.seq
                 bound -= ticket.seq - 1 - min(ticket.seq - 1, max(0, others - after))
             if window[2] < 0 or bound < window[2] or later:
