@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +187,18 @@ def test_rows_are_stamped_as_the_stores_own_enqueue_stamps_them(env: Env, clock:
         ).one()
     assert (created, available) == (clock.time(), clock.time() + 5.0)
     assert headers in ("{}", {})
+
+
+def test_a_published_event_s_id_is_still_refused_through_a_session(env: Env) -> None:
+    # On PostgreSQL the relay deletes the published row and keeps its id: the session's
+    # insert writes both, as the store's own enqueue does.
+    eid = str(uuid.uuid4())
+    with Session(env.engine) as session, session.begin():
+        env.store.enqueue(session, topic="t", payload=1, event_id=eid)
+    assert [m.event_id for m in env.relay().messages] == [eid]
+    with pytest.raises(sa.exc.IntegrityError), Session(env.engine) as session, session.begin():
+        env.store.enqueue(session, topic="t", payload=1, event_id=eid)
+    assert env.pending() == 0
 
 
 # -- async: AsyncSession and AsyncConnection ----------------------------------------------
@@ -403,6 +416,10 @@ def test_outbox_table_matches_the_postgres_ddl(
         assert want["columns"][0][4]["always"] is True  # GENERATED ALWAYS AS IDENTITY
         assert {i[0] for i in want["indexes"]} == {*PARTIAL, "resilience_outbox_event_id_key"}
         assert got == want
+        ids = [_shape(engine, "resilience_outbox_ids", s) for s in (pg_schema, second_schema)]
+        assert ids[0]["primary key"] == ["event_id"]
+        assert [i[0] for i in ids[0]["indexes"]] == ["resilience_outbox_ids_created"]
+        assert ids[0] == ids[1]
         with engine.connect() as conn:
             # The parts that are not a table, a column or an index, made by create_all's
             # postgres_extras: the fillfactor and the NOTIFY trigger.

@@ -47,10 +47,14 @@ def _psycopg() -> Any:
 _NOW = "COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)"
 
 _SQL = {
+    # The row and its id in one statement: a duplicate id fails both (see postgres.sql).
     "insert": f"""
-        INSERT INTO {{t}} (event_id, topic, key, payload, headers, created, available_at)
-        VALUES (%(eid)s, %(topic)s, %(key)s, %(payload)s, %(headers)s, {_NOW},
-                {_NOW} + %(delay)s)""",
+        WITH o AS (
+            INSERT INTO {{t}} (event_id, topic, key, payload, headers, created, available_at)
+            VALUES (%(eid)s, %(topic)s, %(key)s, %(payload)s, %(headers)s, {_NOW},
+                    {_NOW} + %(delay)s)
+            RETURNING event_id, created)
+        INSERT INTO {{t}}_ids (event_id, created) SELECT event_id, created FROM o""",
     # One walk along the pending index in id order, as far as %(window)s rows: a row is
     # taken when it and every earlier pending row of its key in the walk are ready (the
     # first row of a key that is not ready blocks the key's later rows). The
@@ -93,10 +97,11 @@ _SQL = {
         SELECT NULL, NULL, NULL, NULL, NULL, NULL, count(*)::float8,
                (count(*) FILTER (WHERE NOT v.ok))::integer
         FROM verdict AS v""",
-    "published": f"""
-        UPDATE {{t}} SET status = 'published', published_at = {_NOW},
-                       lease_owner = NULL, lease_until = NULL
-        WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s""",
+    # A published row is deleted: no new index entries, where an update to 'published'
+    # wrote one in every index (and a deep backlog's grew a level as it drained). Its id
+    # stays in {t}_ids, so a duplicate is still refused until purge.
+    "published": """
+        DELETE FROM {t} WHERE id = ANY(%(ids)s::bigint[]) AND lease_owner = %(owner)s""",
     "release": f"""
         UPDATE {{t}} SET lease_owner = NULL, lease_until = NULL,
                        available_at = {_NOW} + %(delay)s
@@ -124,13 +129,28 @@ _SQL = {
         SELECT id, event_id::text, topic, key, attempts, last_error, created FROM {t}
         WHERE status = 'dead' AND (%(topic)s::text IS NULL OR topic = %(topic)s)
         ORDER BY id LIMIT %(limit)s""",
+    # Forgets the ids of old events whose rows are gone (published), and deletes old dead
+    # rows (dead=True) and rows an earlier version marked 'published', with their ids. The
+    # count is of ids forgotten. (Every CTE sees one snapshot: the rows deleted here still
+    # exist for the NOT EXISTS, so no id is picked twice.)
     "purge": f"""
-        DELETE FROM {{t}} WHERE id IN (
-            SELECT id FROM {{t}}
-            WHERE (status = 'published' AND published_at < {_NOW} - %(age)s)
-               OR (%(dead)s AND status = 'dead' AND created < {_NOW} - %(age)s)
+        WITH clock AS (SELECT {_NOW} - %(age)s AS cutoff),
+        old AS (
+            DELETE FROM {{t}} WHERE id IN (
+                SELECT o.id FROM {{t}} AS o, clock
+                WHERE (o.status = 'published' AND o.published_at < clock.cutoff)
+                   OR (%(dead)s AND o.status = 'dead' AND o.created < clock.cutoff)
+                LIMIT %(batch)s
+                FOR UPDATE SKIP LOCKED)
+            RETURNING event_id),
+        gone AS (
+            SELECT k.event_id FROM {{t}}_ids AS k, clock
+            WHERE k.created < clock.cutoff
+              AND NOT EXISTS (SELECT 1 FROM {{t}} AS o WHERE o.event_id = k.event_id)
             LIMIT %(batch)s
-            FOR UPDATE SKIP LOCKED)""",
+            FOR UPDATE OF k SKIP LOCKED)
+        DELETE FROM {{t}}_ids WHERE event_id IN (
+            SELECT event_id FROM old UNION ALL SELECT event_id FROM gone)""",
     "stats": f"""
         WITH clock AS (SELECT {_NOW} AS now)
         SELECT

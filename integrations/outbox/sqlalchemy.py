@@ -55,7 +55,8 @@ def outbox_table(
 ) -> sa.Table:
     """The outbox table in ``metadata``, shaped like the stores' own DDL: the same
     columns and types, defaults, check, unique event id and partial indexes (with the
-    DDL's index names), on PostgreSQL and on SQLite.
+    DDL's index names), on PostgreSQL and on SQLite. For PostgreSQL it also adds the
+    ``{name}_ids`` table of event ids that the store keeps until purge.
 
     ``dialect`` is the database your migrations are compared against. It decides only
     the id column: PostgreSQL's DDL makes it a ``bigint`` identity; SQLite's is
@@ -136,7 +137,19 @@ def outbox_table(
         schema=schema,
         sqlite_autoincrement=True,
     )
-    extras = postgres_extras(table)
+    if dialect == "postgresql":
+        # PostgresOutboxStore deletes a published row and keeps its id here until purge,
+        # so a duplicate is still refused (see sql/postgres.sql).
+        sa.Table(
+            f"{name}_ids",
+            metadata,
+            sa.Column("event_id", postgresql.UUID(as_uuid=False), primary_key=True),
+            sa.Column("created", seconds, nullable=False),
+            sa.Index(f"{name}_ids_created", "created", postgresql_using="brin"),
+            schema=schema,
+        )
+    # The backfill is for a migration of a table that has rows; a new one has none.
+    extras = postgres_extras(table)[:-1]
 
     def create_extras(target: sa.Table, connection: sa.Connection, **_: Any) -> None:
         if connection.dialect.name == "postgresql":
@@ -148,9 +161,11 @@ def outbox_table(
 
 
 def postgres_extras(table: sa.Table) -> list[str]:
-    """The statements of the PostgreSQL DDL beyond the table and its indexes: the
-    fillfactor that lets a claim write its lease in place, and the statement trigger
-    whose NOTIFY wakes idle relays. Idempotent; for ``op.execute`` in a migration."""
+    """The statements of the PostgreSQL DDL beyond the tables and their indexes: the
+    fillfactor that lets a claim write its lease in place, the statement trigger whose
+    NOTIFY wakes idle relays, and (last) the copy of the rows' event ids into the
+    ``_ids`` table, for a table that had rows before it. Idempotent; for
+    ``op.execute`` in a migration, after the tables are made."""
     qualified = f"{table.schema}.{table.name}" if table.schema else table.name
     channel = f"{table.schema}_{table.name}" if table.schema else table.name
     ddl = read_ddl("postgres.sql", table=qualified, name=table.name, channel=channel)
@@ -159,7 +174,11 @@ def postgres_extras(table: sa.Table) -> list[str]:
         raise RuntimeError("postgres.sql no longer sets the fillfactor as expected")
     start = ddl.index("CREATE OR REPLACE FUNCTION")
     function, trigger = ddl[start:].split("$fn$;", 1)
-    return [fillfactor, function + "$fn$", *_statements(trigger)]
+    backfill = (
+        f"INSERT INTO {qualified}_ids (event_id, created)"
+        f" SELECT event_id, created FROM {qualified} ON CONFLICT DO NOTHING"
+    )
+    return [fillfactor, function + "$fn$", *_statements(trigger), backfill]
 
 
 def _statements(text: str) -> list[str]:
@@ -186,12 +205,18 @@ def _statement(store: SqliteOutboxStore | PostgresOutboxStore, dialect: str) -> 
                 " extract(epoch FROM statement_timestamp())::float8)"
             )
         cast = "CAST({} AS {})" if dialect == "postgresql" else "{}"
-        statement = _STATEMENTS[(dialect, table)] = sa.text(
+        text = (
             f"INSERT INTO {table} (event_id, topic, key, payload, headers, created, available_at)"
             f" VALUES ({cast.format(':eid', 'uuid')}, :topic, :key,"
             f" {cast.format(':payload', 'json')}, {cast.format(':headers', 'json')},"
             f" {now}, {now} + :delay)"
         )
+        if dialect == "postgresql":  # the row and its id, as PostgresOutboxStore writes them
+            text = (
+                f"WITH o AS ({text} RETURNING event_id, created)"
+                f" INSERT INTO {table}_ids (event_id, created) SELECT event_id, created FROM o"
+            )
+        statement = _STATEMENTS[(dialect, table)] = sa.text(text)
     return statement
 
 
