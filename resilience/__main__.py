@@ -153,9 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
 
     purge = _command(
-        actions, "purge", _outbox(_purge), "delete old published (and dead) rows",
-        "Delete published rows older than --older-than, a thousand rows per transaction so\n"
-        "no lock is held long; with --dead, old dead rows too.",
+        actions, "purge", _outbox(_purge), "forget old published (and dead) events",
+        "Forget published events older than --older-than (SQLite: their rows; PostgreSQL:\n"
+        "their kept event ids), a thousand per transaction so no lock is held long; with\n"
+        "--dead, old dead rows too. A forgotten event id may be enqueued again.",
     )  # fmt: skip
     _where(purge)
     purge.add_argument(
@@ -534,7 +535,7 @@ def _replay(store: Any, args: argparse.Namespace) -> int:
 
 def _purge(store: Any, args: argparse.Namespace) -> int:
     deleted = store.purge(args.older_than, dead=args.dead)
-    print(f"purged {deleted} row(s) older than {_age(args.older_than)}")
+    print(f"purged {deleted} event(s) older than {_age(args.older_than)}")
     return 0
 
 

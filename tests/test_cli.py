@@ -217,7 +217,7 @@ def _outbox_story(capsys: pytest.CaptureFixture[str], where: list[str],
     events = store.claim("cli-test", 10, 30.0)
     store.mark_published("cli-test", [e.id for e in events])
     _, out, _ = run(capsys, "outbox", "purge", "--older-than", "0.000001", *where)
-    assert "purged 5 row(s)" in out
+    assert "purged 5 event(s)" in out
 
 
 def test_outbox_commands_on_sqlite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
