@@ -88,7 +88,8 @@ class SyncStoreOps(StoreBase):
         return events
 
     def mark_published(self, owner: str, ids: Sequence[int]) -> int:
-        """Mark rows published, if ``owner`` still holds them; returns how many it did."""
+        """Mark rows published (PostgreSQL deletes them and keeps their ids), if ``owner``
+        still holds them; returns how many it did."""
         if not ids:
             return 0
         params = {"owner": owner, "ids": self._ids(ids), "now": self._now()}
@@ -158,8 +159,9 @@ class SyncStoreOps(StoreBase):
         ]
 
     def purge(self, older_than: float, *, batch: int = 1000, dead: bool = False) -> int:
-        """Delete published rows (and dead ones with ``dead=True``) older than
-        ``older_than`` seconds, ``batch`` rows per transaction so no lock is held long."""
+        """Forget published events (and dead ones with ``dead=True``) older than
+        ``older_than`` seconds, ``batch`` per transaction so no lock is held long: their
+        rows, or on PostgreSQL the ids it keeps. Returns how many it forgot."""
         positive("older_than", older_than)
         positive_int("batch", batch)
         params = {"age": float(older_than), "batch": batch, "dead": dead, "now": self._now()}
