@@ -172,3 +172,45 @@ def test_a_table_made_before_the_ids_table_gets_its_rows_ids(
         assert _one(postgres_dsn, f"SELECT count(*) FROM {table}_ids") == 0
     finally:
         store.close()
+
+
+# -- names PostgreSQL cuts at 63 bytes -----------------------------------------------------
+
+
+def test_a_table_name_whose_index_names_would_be_cut_is_refused() -> None:
+    sa = pytest.importorskip("sqlalchemy")
+    from resilience.integrations.outbox.sqlalchemy import outbox_table
+
+    with pytest.raises(ValueError, match="table must be at most 51"):
+        PostgresOutboxStore("postgresql://x", table="t" * 52)
+    with pytest.raises(ValueError, match="name must be at most 51"):
+        outbox_table(sa.MetaData(), name="t" * 52)
+    outbox_table(sa.MetaData(), name="t" * 52, dialect="sqlite")  # SQLite cuts nothing
+
+
+def test_a_long_schema_and_table_get_a_channel_pg_notify_takes(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    # schema_table is longer than 63 bytes: pg_notify refused it, and its trigger failed
+    # every enqueue. The channel is now a hash-based name, the same in the DDL and LISTEN.
+    long_schema = pg_schema + "_" + "s" * 30
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {long_schema}")
+    store = PostgresOutboxStore(postgres_dsn, schema=long_schema, table="t" * 51)
+    try:
+        assert len(store.channel) <= 63
+        assert store.channel.startswith("resilience_outbox_")
+        store.create_schema()
+        with psycopg.connect(postgres_dsn, autocommit=True) as listener:
+            listener.execute(f'LISTEN "{store.channel}"')
+            with psycopg.connect(postgres_dsn) as conn:
+                store.enqueue(conn, topic="t", payload=1)
+            assert [n.channel for n in listener.notifies(timeout=5.0, stop_after=1)] == [
+                store.channel
+            ]
+        broker = InMemoryBroker()
+        assert OutboxPublisher(store, broker=broker).run_once().published == 1
+    finally:
+        store.close()
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {long_schema} CASCADE")

@@ -43,6 +43,35 @@ def _psycopg() -> Any:
     return psycopg
 
 
+# PostgreSQL cuts identifiers at 63 bytes. The longest the DDL derives from the table's
+# name adds 12 ("_pending_key", "_ids_created"): a longer name would be cut into another
+# index's name (CREATE INDEX IF NOT EXISTS would then skip one silently).
+_MAX_NAME: Final = 63
+_MAX_TABLE: Final = _MAX_NAME - len("_pending_key")
+
+
+def check_pg_names(table: object, schema: object) -> None:
+    """The table and schema names PostgreSQL can hold with every name derived from them."""
+    check_identifier("table", table)
+    if schema is not None:
+        check_identifier("schema", schema)
+    if len(str(table)) > _MAX_TABLE:
+        raise ValueError(
+            f"table must be at most {_MAX_TABLE} characters on PostgreSQL (its index names "
+            f"add up to 12 to it, and PostgreSQL cuts names at 63), got {len(str(table))}"
+        )
+
+
+def pg_channel(table: str, schema: str | None) -> str:
+    """The NOTIFY channel of an outbox table: ``<schema>_<table>``, or a name made from its
+    hash when that is longer than PostgreSQL's 63 bytes (pg_notify refuses such a channel,
+    and the insert trigger would fail every enqueue)."""
+    channel = f"{schema}_{table}" if schema else table
+    if len(channel) <= _MAX_NAME:
+        return channel
+    return f"resilience_outbox_{zlib.crc32(channel.encode()):08x}"
+
+
 # The database's clock unless the store has one (tests): hosts with skewed clocks agree.
 _NOW = "COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)"
 
@@ -302,9 +331,7 @@ class PostgresOutboxStore(SqlStore):
         schema: str | None = None,
         clock: _clock.Clock | None = None,
     ) -> None:
-        check_identifier("table", table)
-        if schema is not None:
-            check_identifier("schema", schema)
+        check_pg_names(table, schema)
         super().__init__(table, clock)
         if isinstance(source, str):
             _psycopg()  # a missing extra is named here, not at first use
@@ -320,7 +347,7 @@ class PostgresOutboxStore(SqlStore):
             )
         self.schema = schema
         self.qualified = f"{schema}.{table}" if schema else table
-        self.channel = f"{schema}_{table}" if schema else table
+        self.channel = pg_channel(table, schema)
         self.sql = {name: text.replace("{t}", self.qualified) for name, text in _SQL.items()}
         # One lock id per table, so two outboxes in one database never wait on each other.
         self._lock_id = zlib.crc32(f"resilience.outbox:{self.qualified}".encode()) - 2**31

@@ -32,7 +32,11 @@ except ImportError as error:  # pragma: no cover - depends on the install
 
 from resilience.integrations.outbox._model import check_identifier
 from resilience.integrations.outbox._sql import read_ddl
-from resilience.integrations.outbox.postgres import PostgresOutboxStore
+from resilience.integrations.outbox.postgres import (
+    PostgresOutboxStore,
+    check_pg_names,
+    pg_channel,
+)
 from resilience.integrations.outbox.sqlite import SqliteOutboxStore
 
 if TYPE_CHECKING:
@@ -70,6 +74,11 @@ def outbox_table(
     check_identifier("name", name)
     if dialect not in ("postgresql", "sqlite"):
         raise ValueError(f"dialect must be 'postgresql' or 'sqlite', got {dialect!r}")
+    if dialect == "postgresql":
+        try:
+            check_pg_names(name, schema)
+        except ValueError as error:
+            raise ValueError(str(error).replace("table", "name", 1)) from None
     if schema is not None:
         check_identifier("schema", schema)
         if dialect == "sqlite":
@@ -167,7 +176,7 @@ def postgres_extras(table: sa.Table) -> list[str]:
     ``_ids`` table, for a table that had rows before it. Idempotent; for
     ``op.execute`` in a migration, after the tables are made."""
     qualified = f"{table.schema}.{table.name}" if table.schema else table.name
-    channel = f"{table.schema}_{table.name}" if table.schema else table.name
+    channel = pg_channel(table.name, table.schema)
     ddl = read_ddl("postgres.sql", table=qualified, name=table.name, channel=channel)
     fillfactor = f"ALTER TABLE {qualified} SET (fillfactor = 50)"
     if fillfactor not in ddl:  # pragma: no cover - the shipped DDL changed
