@@ -214,3 +214,22 @@ def test_a_long_schema_and_table_get_a_channel_pg_notify_takes(
         store.close()
         with psycopg.connect(postgres_dsn, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {long_schema} CASCADE")
+
+
+def test_an_upgrade_without_create_schema_is_told_what_to_run(
+    postgres_dsn: str, pg_schema: str
+) -> None:
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(_old_ddl(pg_schema))
+    store = PostgresOutboxStore(postgres_dsn, schema=pg_schema)
+    try:
+        with (
+            pytest.raises(psycopg.errors.UndefinedTable) as caught,
+            psycopg.connect(postgres_dsn) as conn,
+        ):
+            store.enqueue(conn, topic="t", payload=1)
+        notes = getattr(caught.value, "__notes__", None)
+        if notes is not None:  # Python 3.11 and later
+            assert "create_schema()" in notes[0]
+    finally:
+        store.close()

@@ -470,10 +470,26 @@ class PostgresOutboxStore(SqlStore):
                 "conn must be a psycopg.Connection (use aenqueue for an AsyncConnection), "
                 f"got {type(conn).__name__}"
             )
-        conn.execute(self.sql["insert"], row, prepare=True)
+        try:
+            conn.execute(self.sql["insert"], row, prepare=True)
+        except psycopg.errors.UndefinedTable as error:
+            self._explain(error)
+            raise
 
     async def _ainsert(self, conn: Any, row: dict[str, Any]) -> None:
         psycopg = _psycopg()
         if not isinstance(conn, psycopg.AsyncConnection):
             raise TypeError(f"conn must be a psycopg.AsyncConnection, got {type(conn).__name__}")
-        await conn.execute(self.sql["insert"], row, prepare=True)
+        try:
+            await conn.execute(self.sql["insert"], row, prepare=True)
+        except psycopg.errors.UndefinedTable as error:
+            self._explain(error)
+            raise
+
+    def _explain(self, error: Exception) -> None:
+        # A table made by an earlier version, upgraded without create_schema(): say how.
+        if f"{self.table}_ids" in str(error) and hasattr(error, "add_note"):
+            error.add_note(
+                f"{self.qualified}_ids keeps published events' ids: run store.create_schema()"
+                " (or the statements of sqlalchemy.postgres_extras() in a migration)"
+            )
