@@ -9,7 +9,7 @@ call nested in a call of the same breaker passes through (see CircuitBreaker).
 # unasync: aon_error -> on_error, aon_result -> on_result, _acall -> _call, acall -> call
 # unasync: atry_acquire -> try_acquire, _adrain -> _drain, _wrap_async -> _wrap_sync
 # unasync: breaker_async -> breaker_sync, _IN_ASYNC -> _IN_SYNC, Awaitable[R] -> R
-# unasync: asuccess -> success, async_result -> sync_result
+# unasync: asuccess -> success, async_result -> sync_result, _EXACT_ASYNC -> _EXACT_SYNC
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from resilience._checks import async_result
+from resilience._exact import exact
 from resilience.breaker._core import _IN_ASYNC, _INSIDE, BreakerCore
 from resilience.breaker.events import Outcome
 from resilience.breaker.permit import Permit
@@ -29,6 +30,26 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = ["AsyncBreakerOps"]
+
+# breaker_async below, with the function's own parameters (see resilience._exact).
+_EXACT_ASYNC = """
+async def _rs_wrapper(<PARAMS>):
+    _rs_admission = _rs_policy.quiet_free
+    if _rs_admission is None:
+        return await _rs_full(_rs_fn, <ARGS>, <KWARGS>)
+    try:
+        _rs_result = await _rs_fn(<CALL>)
+    except BaseException as _rs_error:
+        await _rs_on_error(_rs_admission, None, _rs_error)
+        raise
+    if not _rs_policy.quiet:
+        await _rs_on_result(_rs_admission, None, _rs_result)
+    else:
+        _rs_count = _rs_policy.count_ok
+        if _rs_count is not None:
+            _rs_count()
+    return _rs_result
+"""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -148,6 +169,16 @@ class AsyncBreakerOps(BreakerCore):
             self._aon_result,
             self._acall,
         )
+        env = {
+            "_rs_policy": policy,
+            "_rs_full": full,
+            "_rs_fn": fn,
+            "_rs_on_error": aon_error,
+            "_rs_on_result": aon_result,
+        }
+        fast = exact(fn, _EXACT_ASYNC, env)
+        if fast is not None:
+            return cast("Callable[P, Awaitable[R]]", functools.wraps(fn)(fast))
 
         @functools.wraps(fn)
         async def breaker_async(*args: P.args, **kwargs: P.kwargs) -> R:

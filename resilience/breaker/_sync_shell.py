@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from resilience._checks import sync_result
+from resilience._exact import exact
 from resilience.breaker._core import _IN_SYNC, _INSIDE, BreakerCore
 from resilience.breaker.events import Outcome
 from resilience.breaker.permit import Permit
@@ -24,6 +25,26 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 __all__ = ["SyncBreakerOps"]
+
+# breaker_sync below, with the function's own parameters (see resilience._exact).
+_EXACT_SYNC = """
+def _rs_wrapper(<PARAMS>):
+    _rs_admission = _rs_policy.quiet_free
+    if _rs_admission is None:
+        return _rs_full(_rs_fn, <ARGS>, <KWARGS>)
+    try:
+        _rs_result = _rs_fn(<CALL>)
+    except BaseException as _rs_error:
+        _rs_on_error(_rs_admission, None, _rs_error)
+        raise
+    if not _rs_policy.quiet:
+        _rs_on_result(_rs_admission, None, _rs_result)
+    else:
+        _rs_count = _rs_policy.count_ok
+        if _rs_count is not None:
+            _rs_count()
+    return _rs_result
+"""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -141,6 +162,16 @@ class SyncBreakerOps(BreakerCore):
             self._on_result,
             self._call,
         )
+        env = {
+            "_rs_policy": policy,
+            "_rs_full": full,
+            "_rs_fn": fn,
+            "_rs_on_error": on_error,
+            "_rs_on_result": on_result,
+        }
+        fast = exact(fn, _EXACT_SYNC, env)
+        if fast is not None:
+            return cast("Callable[P, R]", functools.wraps(fn)(fast))
 
         @functools.wraps(fn)
         def breaker_sync(*args: P.args, **kwargs: P.kwargs) -> R:
