@@ -14,7 +14,7 @@ import keyword
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["exact"]
+__all__ = ["exact", "wrapper"]
 
 _PREFIX = "_rs_"  # the template's own names; a parameter with it falls back
 
@@ -86,3 +86,21 @@ def exact(fn: Callable[..., Any], template: str, env: dict[str, Any]) -> Callabl
             names["co_qualname"] = fn.__qualname__
         wrapper.__code__ = wrapper.__code__.replace(**names)  # type: ignore[arg-type]
     return wrapper
+
+
+def wrapper(fn: Callable[..., Any], template: str, env: dict[str, Any]) -> Callable[..., Any]:
+    """:func:`exact`, or where it cannot be done the same template compiled for
+    ``*args, **kwargs``."""
+    made = exact(fn, template, env)
+    if made is not None:
+        return made
+    source = (
+        template.replace("<PARAMS>", "*_rs_args, **_rs_kwargs")
+        .replace("<CALL>", "*_rs_args, **_rs_kwargs")
+        .replace("<KWARGS>", "_rs_kwargs")
+        .replace("<ARGS>", "_rs_args")
+    )
+    namespace = dict(env)
+    exec(compile(source, "<resilience wrapper>", "exec"), namespace)
+    generic: Callable[..., Any] = namespace[f"{_PREFIX}wrapper"]
+    return generic

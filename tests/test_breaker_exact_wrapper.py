@@ -189,3 +189,23 @@ def test_a_failure_on_the_lock_free_path_still_trips() -> None:
             div(1)
     with pytest.raises(rs.CircuitOpenError):
         div(1, d=1)
+
+
+def test_the_generic_wrapper_takes_both_paths_sync_and_async() -> None:
+    def own_names(_rs_x, *rest, **extra):
+        return (_rs_x, rest, extra)
+
+    async def aown_names(_rs_x, *rest, **extra):
+        return (_rs_x, rest, extra)
+
+    b = _breaker()
+    sync, coro = b(own_names), b(aown_names)
+    assert sync.__code__.co_varnames[:1] == ("_rs_args",)  # the generic one
+    assert inspect.iscoroutinefunction(coro)
+    for full in (False, True):
+        if full:
+            _not_quiet(b)
+        assert sync(1, 2, k=3) == (1, (2,), {"k": 3})
+        if full:
+            _not_quiet(b)
+        assert asyncio.run(coro(1, 2, k=3)) == (1, (2,), {"k": 3})

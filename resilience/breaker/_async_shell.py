@@ -9,7 +9,7 @@ call nested in a call of the same breaker passes through (see CircuitBreaker).
 # unasync: aon_error -> on_error, aon_result -> on_result, _acall -> _call, acall -> call
 # unasync: atry_acquire -> try_acquire, _adrain -> _drain, _wrap_async -> _wrap_sync
 # unasync: breaker_async -> breaker_sync, _IN_ASYNC -> _IN_SYNC, Awaitable[R] -> R
-# unasync: asuccess -> success, async_result -> sync_result, _EXACT_ASYNC -> _EXACT_SYNC
+# unasync: asuccess -> success, async_result -> sync_result
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from resilience._checks import async_result
-from resilience._exact import exact
+from resilience._exact import wrapper
 from resilience.breaker._core import _IN_ASYNC, _INSIDE, BreakerCore
 from resilience.breaker.events import Outcome
 from resilience.breaker.permit import Permit
@@ -31,8 +31,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncBreakerOps"]
 
-# breaker_async below, with the function's own parameters (see resilience._exact).
-_EXACT_ASYNC = """
+# The decorator's wrapper, compiled with the function's own parameters where it can be
+# (see resilience._exact). Lock-free while closed and quiet: no lock, no clock, no
+# context variable; anything else takes the full path.
+_WRAPPER = """
 async def _rs_wrapper(<PARAMS>):
     _rs_admission = _rs_policy.quiet_free
     if _rs_admission is None:
@@ -45,7 +47,7 @@ async def _rs_wrapper(<PARAMS>):
     if not _rs_policy.quiet:
         await _rs_on_result(_rs_admission, None, _rs_result)
     else:
-        _rs_count = _rs_policy.count_ok
+        _rs_count = _rs_policy.count_ok  # watched: one C-level increment
         if _rs_count is not None:
             _rs_count()
     return _rs_result
@@ -163,39 +165,11 @@ class AsyncBreakerOps(BreakerCore):
             await self._aon_error(permit._admission, permit._start, exc)
 
     def _wrap_async(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-        policy, aon_error, aon_result, full = (
-            self._policy,
-            self._aon_error,
-            self._aon_result,
-            self._acall,
-        )
         env = {
-            "_rs_policy": policy,
-            "_rs_full": full,
+            "_rs_policy": self._policy,
+            "_rs_full": self._acall,
             "_rs_fn": fn,
-            "_rs_on_error": aon_error,
-            "_rs_on_result": aon_result,
+            "_rs_on_error": self._aon_error,
+            "_rs_on_result": self._aon_result,
         }
-        fast = exact(fn, _EXACT_ASYNC, env)
-        if fast is not None:
-            return cast("Callable[P, Awaitable[R]]", functools.wraps(fn)(fast))
-
-        @functools.wraps(fn)
-        async def breaker_async(*args: P.args, **kwargs: P.kwargs) -> R:
-            admission = policy.quiet_free
-            if admission is None:  # not closed-and-quiet: the full path
-                return await full(fn, args, kwargs)
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as error:
-                await aon_error(admission, None, error)
-                raise
-            if not policy.quiet:
-                await aon_result(admission, None, result)
-            else:
-                count = policy.count_ok  # watched: one C-level increment
-                if count is not None:
-                    count()
-            return result
-
-        return breaker_async
+        return cast("Callable[P, Awaitable[R]]", functools.wraps(fn)(wrapper(fn, _WRAPPER, env)))

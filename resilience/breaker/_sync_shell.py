@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from resilience._checks import sync_result
-from resilience._exact import exact
+from resilience._exact import wrapper
 from resilience.breaker._core import _IN_SYNC, _INSIDE, BreakerCore
 from resilience.breaker.events import Outcome
 from resilience.breaker.permit import Permit
@@ -26,8 +26,10 @@ if TYPE_CHECKING:
 
 __all__ = ["SyncBreakerOps"]
 
-# breaker_sync below, with the function's own parameters (see resilience._exact).
-_EXACT_SYNC = """
+# The decorator's wrapper, compiled with the function's own parameters where it can be
+# (see resilience._exact). Lock-free while closed and quiet: no lock, no clock, no
+# context variable; anything else takes the full path.
+_WRAPPER = """
 def _rs_wrapper(<PARAMS>):
     _rs_admission = _rs_policy.quiet_free
     if _rs_admission is None:
@@ -40,7 +42,7 @@ def _rs_wrapper(<PARAMS>):
     if not _rs_policy.quiet:
         _rs_on_result(_rs_admission, None, _rs_result)
     else:
-        _rs_count = _rs_policy.count_ok
+        _rs_count = _rs_policy.count_ok  # watched: one C-level increment
         if _rs_count is not None:
             _rs_count()
     return _rs_result
@@ -156,39 +158,11 @@ class SyncBreakerOps(BreakerCore):
             self._on_error(permit._admission, permit._start, exc)
 
     def _wrap_sync(self, fn: Callable[P, R]) -> Callable[P, R]:
-        policy, on_error, on_result, full = (
-            self._policy,
-            self._on_error,
-            self._on_result,
-            self._call,
-        )
         env = {
-            "_rs_policy": policy,
-            "_rs_full": full,
+            "_rs_policy": self._policy,
+            "_rs_full": self._call,
             "_rs_fn": fn,
-            "_rs_on_error": on_error,
-            "_rs_on_result": on_result,
+            "_rs_on_error": self._on_error,
+            "_rs_on_result": self._on_result,
         }
-        fast = exact(fn, _EXACT_SYNC, env)
-        if fast is not None:
-            return cast("Callable[P, R]", functools.wraps(fn)(fast))
-
-        @functools.wraps(fn)
-        def breaker_sync(*args: P.args, **kwargs: P.kwargs) -> R:
-            admission = policy.quiet_free
-            if admission is None:  # not closed-and-quiet: the full path
-                return full(fn, args, kwargs)
-            try:
-                result = fn(*args, **kwargs)
-            except BaseException as error:
-                on_error(admission, None, error)
-                raise
-            if not policy.quiet:
-                on_result(admission, None, result)
-            else:
-                count = policy.count_ok  # watched: one C-level increment
-                if count is not None:
-                    count()
-            return result
-
-        return breaker_sync
+        return cast("Callable[P, R]", functools.wraps(fn)(wrapper(fn, _WRAPPER, env)))
