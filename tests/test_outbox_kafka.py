@@ -548,9 +548,17 @@ def test_outage_opens_the_breaker_and_only_probes_reach_kafka(
             assert (stats.pending, stats.in_flight, stats.dead) == (30, 0, 0)
 
             proxy.restore()
+            # The first probe's new producer connects afresh; on a loaded machine that can
+            # take longer than the adapter's 1 s budget, an outage by its own rule. Allow
+            # that twice: the backlog must still drain, with nothing lost or burnt.
+            late = 0
             for _ in range(200):
                 result = pub.run_once()
-                assert result.outage is None, result
+                if result.outage is not None:
+                    assert result.probe, result
+                    late += 1
+                    assert late <= 2, result
+                    continue
                 if result.breaker_open:
                     clock.advance(max(result.retry_after, 0.1))
                 elif not result.claimed and not store.stats().pending:
